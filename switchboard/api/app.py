@@ -1,0 +1,160 @@
+"""The ASGI application: routes, error mapping to the SPEC envelope, gateway middleware, OpenAPI."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
+
+from switchboard import __version__
+from switchboard.api.deps import Services
+from switchboard.api.middleware import Authentication, RequestContext, WriteDeadline
+from switchboard.api.models import ErrorBody
+from switchboard.api.responses import error_headers
+from switchboard.api.routes import agents, calls, conversations, health, keys, messages, workspace
+from switchboard.bus import BusUnavailable
+from switchboard.errors import ApiError, error_body
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (400, "INVALID_ARGUMENT"),
+        (401, "UNAUTHENTICATED"),
+        (404, "NOT_FOUND"),
+        (503, "UNAVAILABLE"),
+        (504, "DEADLINE_EXCEEDED"),
+    )
+}
+
+
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    request_id = request.scope.get("state", {}).get("request_id", "req_unknown")
+    headers = {k.decode(): v.decode() for k, v in error_headers(error) if k != b"content-type"}
+    return JSONResponse(
+        error_body(error.error_code, error.message, request_id), error.status, headers
+    )
+
+
+def _field_message(error: dict[str, Any]) -> str:
+    location = [str(part) for part in error.get("loc", ())]
+    field = ".".join(location[1:]) if len(location) > 1 else (location[0] if location else "body")
+    if error.get("type") == "string_pattern_mismatch":
+        if field.endswith("_number"):
+            return f"{field}: must be an E.164 phone number such as +14155550123"
+        if field.endswith("_id"):
+            prefix = str(error.get("ctx", {}).get("pattern", "^x_"))[1:].split("_")[0]
+            return f"{field}: must be an id of the form {prefix}_..."
+    if error.get("type") == "json_invalid":
+        return "body: is not valid JSON"
+    if location == ["body"] and error.get("type") in ("model_attributes_type", "dict_type"):
+        return "body: must be a JSON object (send Content-Type: application/json)"
+    if error.get("type") == "extra_forbidden":
+        return f"{field}: is not a field of this request"
+    return f"{field}: {error.get('msg', 'is invalid')}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return error_response(request, exc)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = [_field_message(dict(e)) for e in exc.errors()[:3]]
+        return error_response(request, ApiError("INVALID_ARGUMENT", "; ".join(problems)))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        # No route for this path or method: a 404 either way, so the surface is not enumerable.
+        message = f"No route {request.method} {request.url.path}."
+        return error_response(request, ApiError("NOT_FOUND", message))
+
+    async def on_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        dependency = "bus" if isinstance(exc, BusUnavailable) else "database"
+        message = f"The {dependency} is unavailable; nothing was changed. Retry shortly."
+        return error_response(request, ApiError("UNAVAILABLE", message, retry_after=1))
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http)
+    for unavailable in (
+        BusUnavailable,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError,
+        ConnectionError,
+    ):
+        app.add_exception_handler(unavailable, on_unavailable)
+
+
+def create_app(services: Services) -> ASGIApp:
+    """The whole HTTP surface, wrapped in the gateway middleware (outermost first: request id,
+    write deadline, authentication)."""
+    app = FastAPI(
+        title="Switchboard",
+        version=__version__,
+        description="Live streams, webhooks and REST for calls and conversations.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        # A body sent without a Content-Type is read as JSON: curl users forget the header.
+        strict_content_type=False,
+    )
+    app.state.services = services
+    for module in (workspace, keys, agents, calls, conversations, messages):
+        app.include_router(module.router, responses=ERROR_RESPONSES)
+    app.include_router(health.router)
+    install_error_handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "pk_live_... key"}
+            }
+            for path, operations in schema["paths"].items():
+                if path.startswith("/v1"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(render_docs(openapi()))
+
+    return RequestContext(WriteDeadline(Authentication(app, services.authenticator),
+                                        services.settings.write_deadline))  # fmt: skip
+
+
+def render_docs(schema: dict[str, Any]) -> str:
+    """A self-contained reference page (no CDN, so it works offline and behind firewalls)."""
+    rows = []
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            summary = html.escape(operation.get("summary", ""))
+            detail = html.escape(operation.get("description", "")).replace("\n", "<br>")
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code>"
+                f"</td><td><b>{summary}</b><br>{detail}</td></tr>"
+            )
+    return (
+        "<!doctype html><meta charset=utf-8><title>Switchboard API</title>"
+        "<style>body{font:15px system-ui;margin:2em}td{padding:.4em;vertical-align:top;"
+        "border-bottom:1px solid #ddd}</style>"
+        f"<h1>Switchboard API {html.escape(schema['info']['version'])}</h1>"
+        "<p>Every <code>/v1</code> route takes <code>Authorization: Bearer &lt;key&gt;</code>. "
+        "Machine-readable: <a href=/openapi.json>/openapi.json</a>.</p>"
+        f"<table>{''.join(rows)}</table>"
+    )

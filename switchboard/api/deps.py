@@ -1,0 +1,36 @@
+"""What a route receives: the process's services and the request's principal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from switchboard.auth.authenticator import Authenticator, Principal
+from switchboard.bus import Bus
+from switchboard.config import Settings
+from switchboard.db import Database
+
+
+@dataclass
+class Services:
+    settings: Settings
+    database: Database
+    bus: Bus
+    authenticator: Authenticator
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_principal(request: Request) -> Principal:
+    # Set by the Authentication middleware, which every /v1 request passes through.
+    principal: Principal = request.scope["state"]["principal"]
+    return principal
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

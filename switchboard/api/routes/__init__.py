@@ -1,0 +1,1 @@
+"""REST routes of SPEC section 9, one module per resource."""

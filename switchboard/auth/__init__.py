@@ -1,0 +1,1 @@
+"""Authentication: API keys, the `?token=` path policy, and revocation across replicas."""

@@ -1,0 +1,74 @@
+"""Turns a credential into a Principal, with a short-lived cache that revocations empty at once
+on every replica (announced on the bus) and that never trusts an entry past its TTL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from switchboard.auth.keys import display_prefix, hash_secret, hashes_match, looks_like_key
+from switchboard.db import Database
+from switchboard.errors import ApiError
+
+MAX_CACHE_TTL = 60.0
+MAX_CACHE_ENTRIES = 50_000
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: always one workspace; `key_id` names the key for audit."""
+
+    workspace_id: str
+    key_id: str
+    mode: str
+
+
+class AuthFailure(ApiError):
+    """A 401 with a reason for metrics (never the credential itself)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__("UNAUTHENTICATED", message)
+        self.reason = reason
+
+
+INVALID_KEY_MESSAGE = "The API key is not valid: it is unknown or has been revoked."
+
+
+class Authenticator:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        cache_ttl: float = MAX_CACHE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.database = database
+        self.cache_ttl = min(cache_ttl, MAX_CACHE_TTL)
+        self.clock = clock
+        self._cache: dict[bytes, tuple[Principal, float]] = {}
+
+    async def authenticate(self, credential: str) -> Principal:
+        if not looks_like_key(credential):
+            raise AuthFailure("malformed", INVALID_KEY_MESSAGE)
+        secret_hash = hash_secret(credential)
+        cached = self._cache.get(secret_hash)
+        now = self.clock()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        principal = None
+        for candidate in await self.database.key_candidates(display_prefix(credential)):
+            if hashes_match(candidate.secret_hash, secret_hash):
+                principal = Principal(candidate.workspace_id, candidate.key_id, candidate.mode)
+        if principal is None:
+            self._cache.pop(secret_hash, None)
+            raise AuthFailure("unknown_or_revoked", INVALID_KEY_MESSAGE)
+        if len(self._cache) >= MAX_CACHE_ENTRIES:
+            self._cache.clear()  # crude but bounded; a refill costs one indexed query per key
+        self._cache[secret_hash] = (principal, now + self.cache_ttl)
+        return principal
+
+    def forget_key(self, key_id: str) -> None:
+        """Called for a revocation on this replica or announced by another one."""
+        for secret_hash in [h for h, (p, _) in self._cache.items() if p.key_id == key_id]:
+            del self._cache[secret_hash]

@@ -1,0 +1,114 @@
+"""The one NATS connection of a process, the JetStream stream of events, and publishing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from switchboard.events import EVENTS_STREAM, EVENTS_SUBJECTS, KEY_REVOKED_SUBJECT, subject_for
+
+log = logging.getLogger(__name__)
+
+EVENT_RETENTION_SECONDS = 7 * 24 * 3600  # longer than the 24 h webhook window, with room to spare
+DUPLICATE_WINDOW_SECONDS = 120.0
+PUBLISH_TIMEOUT = 5.0
+
+
+class BusUnavailable(RuntimeError):
+    """NATS did not accept a message in time; nothing was published."""
+
+
+class Bus:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.js = client.jetstream()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.client.is_connected)
+
+    async def ensure_streams(self) -> None:
+        config = StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=list(EVENTS_SUBJECTS),
+            storage=StorageType.FILE,
+            max_age=EVENT_RETENTION_SECONDS,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        )
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            # It exists with another config (an older version of ours): bring it up to date.
+            await self.js.update_stream(config)
+
+    async def publish_event(self, envelope: Mapping[str, Any]) -> None:
+        """Stores the envelope in JetStream, deduplicated on its event_id; raises BusUnavailable
+        unless the server acknowledged it, so a caller never reports success for a lost event."""
+        try:
+            await self.js.publish(
+                subject_for(envelope),
+                orjson.dumps(envelope),
+                timeout=PUBLISH_TIMEOUT,
+                headers={"Nats-Msg-Id": envelope["event_id"]},
+            )
+        except Exception as failure:  # nats raises several unrelated types for "not stored"
+            raise BusUnavailable(
+                f"the bus did not store the event: {type(failure).__name__}"
+            ) from None
+
+    async def publish(self, subject: str, body: bytes) -> None:
+        """Core NATS publish, for live-only data such as transcript partials and commands."""
+        await self.client.publish(subject, body)
+
+    async def announce_key_revoked(self, key_id: str) -> None:
+        await self.client.publish(KEY_REVOKED_SUBJECT, orjson.dumps({"key_id": key_id}))
+        await self.client.flush(timeout=int(PUBLISH_TIMEOUT))
+
+    async def on_key_revoked(self, callback: Callable[[str], Awaitable[None]]) -> Subscription:
+        async def handle(msg: Msg) -> None:
+            try:
+                key_id = orjson.loads(msg.data)["key_id"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                log.warning("ignored a malformed key revocation announcement")
+                return
+            await callback(str(key_id))
+
+        return await self.client.subscribe(KEY_REVOKED_SUBJECT, cb=handle)
+
+    async def close(self) -> None:
+        if not self.client.is_closed:
+            await self.client.drain()
+
+
+async def connect_bus(url: str, *, name: str = "switchboard") -> Bus:
+    async def on_error(error: Exception) -> None:
+        log.warning("nats: %s", type(error).__name__)
+
+    async def on_disconnect() -> None:
+        if not client.is_closed and not client.is_draining:
+            log.warning("nats: disconnected; reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected")
+
+    client = Client()
+    await client.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+    bus = Bus(client)
+    await bus.ensure_streams()
+    return bus

@@ -1,0 +1,233 @@
+"""The `switchboard` command: serve, and the admin commands for workspaces and keys."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from switchboard.config import Settings, SettingsError, load_settings
+from switchboard.logs import configure_logging
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings().with_overrides(**overrides)
+    except SettingsError as bad:
+        raise click.UsageError(str(bad)) from None
+
+
+def _print_json(value: Any) -> None:
+    click.echo(orjson.dumps(value).decode())
+
+
+@click.group()
+@click.version_option(package_name="switchboard")
+def main() -> None:
+    """Switchboard: live streams of calls and conversations, over SSE, WebSocket and webhooks."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=None, help="Port (default 8080; 0 picks one)."
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the embedded Postgres and NATS keep their data (default ./.switchboard).",
+)
+@click.option("--log-format", type=click.Choice(["console", "json"]), default=None)
+def serve(
+    host: str | None, port: int | None, data_dir: Path | None, log_format: str | None
+) -> None:
+    """Start the gateway. Without SWITCHBOARD_DATABASE_URL / SWITCHBOARD_NATS_URL it starts an
+    embedded Postgres and NATS under --data-dir, and stops them when it stops."""
+    from switchboard.embedded import EmbeddedError
+    from switchboard.server import serve as run_serve
+
+    settings = _settings(host=host, port=port, data_dir=data_dir, log_format=log_format)
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        run_serve(settings)
+    except EmbeddedError as failure:
+        raise click.ClickException(str(failure)) from None
+    except OSError as failure:
+        raise click.ClickException(f"could not start: {failure}") from None
+
+
+# --- admin commands ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _backends(settings: Settings) -> Iterator[tuple[str, str | None]]:
+    """(database_url, nats_url or None): the configured servers, those of a running `serve` in
+    --data-dir, or a Postgres started just for this command (no NATS: no replica to tell)."""
+    from switchboard.embedded import EmbeddedPostgres
+    from switchboard.server import read_run_file
+
+    if settings.database_url:
+        yield settings.database_url, settings.nats_url
+        return
+    running = read_run_file(settings.data_dir)
+    if running is not None:
+        yield str(running["database_url"]), settings.nats_url or str(running["nats_url"])
+        return
+    postgres = EmbeddedPostgres(settings.data_dir.resolve() / "postgres")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield postgres.start(), settings.nats_url
+    finally:
+        postgres.stop()
+
+
+@contextlib.asynccontextmanager
+async def _database(database_url: str) -> AsyncIterator[Any]:
+    from switchboard.db import connect_database
+
+    database = await connect_database(database_url, min_size=1, max_size=2)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def _run(coroutine: Any) -> Any:
+    from switchboard.server import run
+
+    return run(coroutine)
+
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=None, help="Embedded data dir."
+)
+
+
+@main.group()
+def workspace() -> None:
+    """Create workspaces."""
+
+
+@workspace.command("create")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print {workspace_id, api_key} as JSON.")
+@data_dir_option
+def workspace_create(name: str, as_json: bool, data_dir: Path | None) -> None:
+    """Create a workspace and its first API key (printed once)."""
+    from switchboard.workspaces import create_workspace
+
+    async def go(database_url: str) -> tuple[str, str]:
+        async with (
+            _database(database_url) as database,
+            database.pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            result: tuple[str, str] = await create_workspace(conn, name)
+            return result
+
+    if not 1 <= len(name) <= 200:
+        raise click.BadParameter("must be 1 to 200 characters", param_hint="NAME")
+    with _backends(_settings(data_dir=data_dir)) as (database_url, _nats):
+        workspace_id, api_key = _run(go(database_url))
+    if as_json:
+        _print_json({"workspace_id": workspace_id, "api_key": api_key})
+    else:
+        click.echo(f"workspace {workspace_id}\napi key   {api_key}  (shown once)")
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--workspace", "workspace_id", required=True, help="ws_... id.")
+@click.option("--name", default="", help="A label for the key.")
+@click.option("--mode", type=click.Choice(["live", "test"]), default="live")
+@click.option("--json", "as_json", is_flag=True)
+@data_dir_option
+def keys_create(
+    workspace_id: str, name: str, mode: str, as_json: bool, data_dir: Path | None
+) -> None:
+    """Create a key in a workspace; the secret is printed once."""
+    from switchboard.render_cli import key_line
+    from switchboard.workspaces import insert_key
+
+    async def go(database_url: str) -> tuple[Any, str]:
+        async with _database(database_url) as database, database.workspace(workspace_id) as conn:
+            if not await conn.fetchval("SELECT 1 FROM workspaces"):
+                raise click.ClickException(f"no workspace {workspace_id}")
+            result: tuple[Any, str] = await insert_key(conn, workspace_id, name, mode)
+            return result
+
+    with _backends(_settings(data_dir=data_dir)) as (database_url, _nats):
+        row, secret = _run(go(database_url))
+    if as_json:
+        _print_json({"key_id": row["id"], "api_key": secret, "workspace_id": workspace_id})
+    else:
+        click.echo(key_line(row) + f"\napi key {secret}  (shown once)")
+
+
+@keys.command("list")
+@click.option("--workspace", "workspace_id", required=True, help="ws_... id.")
+@click.option("--json", "as_json", is_flag=True)
+@data_dir_option
+def keys_list(workspace_id: str, as_json: bool, data_dir: Path | None) -> None:
+    """List a workspace's keys (prefixes only: secrets are never stored)."""
+    from switchboard.api import render
+    from switchboard.render_cli import key_line
+
+    async def go(database_url: str) -> list[Any]:
+        async with _database(database_url) as database, database.workspace(workspace_id) as conn:
+            return list(await conn.fetch("SELECT * FROM api_keys ORDER BY seq"))
+
+    with _backends(_settings(data_dir=data_dir)) as (database_url, _nats):
+        rows = _run(go(database_url))
+    if as_json:
+        _print_json([render.api_key(r) for r in rows])
+    else:
+        for row in rows:
+            click.echo(key_line(row))
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@data_dir_option
+def keys_revoke(key_id: str, data_dir: Path | None) -> None:
+    """Revoke a key: it stops working at once on every replica that shares the bus."""
+    import asyncpg
+
+    from switchboard.bus import connect_bus
+
+    async def go(database_url: str, nats_url: str | None) -> bool:
+        # As the owner: revocation by id is an operator action that crosses workspaces.
+        owner = await asyncpg.connect(database_url)
+        try:
+            found = await owner.fetchval(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 "
+                "RETURNING id",
+                key_id,
+            )
+        finally:
+            await owner.close()
+        if found and nats_url:
+            bus = await connect_bus(nats_url, name="switchboard-cli")
+            try:
+                await bus.announce_key_revoked(key_id)
+            finally:
+                await bus.close()
+        return bool(found)
+
+    settings = _settings(data_dir=data_dir)
+    with _backends(settings) as (database_url, nats_url):
+        found = _run(go(database_url, nats_url))
+    if not found:
+        click.echo(f"no key {key_id}", err=True)
+        sys.exit(1)
+    click.echo(f"revoked {key_id}")

@@ -1,0 +1,106 @@
+"""One typed settings object, read from `SWITCHBOARD_*` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+LOG_FORMATS = ("console", "json")
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(".switchboard")
+    database_url: str | None = None
+    nats_url: str | None = None
+    heartbeat_interval: float = 30.0
+    stream_buffer: int = 64
+    write_deadline: float = 10.0
+    webhook_allow_private: bool = False
+    log_format: str = "console"
+    log_level: str = "info"
+    # Upper bound on how long any replica may trust a cached key lookup, even if it missed a
+    # revocation announcement on the bus (issue 2: "any cache lives at most 60 s").
+    key_cache_ttl: float = 60.0
+    # Seconds that shutdown waits for open requests before it cuts them.
+    shutdown_grace: float = 5.0
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def embedded_nats(self) -> bool:
+        return self.nats_url is None
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with the non-None overrides applied (CLI flags beat the environment)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+ENV_PREFIX = "SWITCHBOARD_"
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name} must be true or false, not {raw!r}")
+
+
+def _parse_positive(name: str, raw: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, not {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be greater than zero, not {raw!r}")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment; an invalid value raises SettingsError naming it."""
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for spec in fields(Settings):
+        name = ENV_PREFIX + spec.name.upper()
+        raw = source.get(name)
+        if raw is None or raw == "":
+            continue
+        if spec.type in ("int",):
+            values[spec.name] = _parse_positive(name, raw, int)
+        elif spec.type in ("float",):
+            values[spec.name] = _parse_positive(name, raw, float)
+        elif spec.type == "bool":
+            values[spec.name] = _parse_bool(name, raw)
+        elif spec.type == "Path":
+            values[spec.name] = Path(raw)
+        else:
+            values[spec.name] = raw
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if settings.log_format not in LOG_FORMATS:
+        raise SettingsError(f"SWITCHBOARD_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
+    if not 0 <= settings.port <= 65535:
+        raise SettingsError("port must be between 0 and 65535")
+    for name, url, schemes in (
+        ("SWITCHBOARD_DATABASE_URL", settings.database_url, ("postgres://", "postgresql://")),
+        ("SWITCHBOARD_NATS_URL", settings.nats_url, ("nats://", "tls://", "ws://", "wss://")),
+    ):
+        if url is not None and not url.startswith(schemes):
+            raise SettingsError(f"{name} must start with one of {', '.join(schemes)}")

@@ -1,0 +1,259 @@
+"""`switchboard serve`: start (or find) Postgres and NATS, open the services, run the HTTP server,
+and on Ctrl-C or SIGTERM stop everything it started, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvicorn
+
+from switchboard import __version__
+from switchboard.api.app import create_app
+from switchboard.api.deps import Services
+from switchboard.auth.authenticator import Authenticator
+from switchboard.bus import connect_bus
+from switchboard.config import Settings
+from switchboard.db import connect_database
+from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
+from switchboard.workspaces import create_workspace
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Backends:
+    """Where Postgres and NATS are, and the embedded servers this process must stop."""
+
+    database_url: str
+    nats_url: str
+    owned: list[EmbeddedPostgres | EmbeddedNats] = field(default_factory=list)
+    run_file: Path | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return bool(self.owned)
+
+    def stop(self) -> None:
+        for server in reversed(self.owned):
+            server.stop()
+        if self.run_file is not None:
+            self.run_file.unlink(missing_ok=True)
+
+
+def start_backends(settings: Settings) -> Backends:
+    """Starts an embedded Postgres and/or NATS for whichever URL is not configured. Must run on
+    the main thread (see `embedded`)."""
+    backends = Backends(settings.database_url or "", settings.nats_url or "")
+    if settings.database_url and settings.nats_url:
+        return backends
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if not settings.database_url:
+            postgres = EmbeddedPostgres(data_dir / "postgres")
+            backends.owned.append(postgres)
+            backends.database_url = postgres.start()
+        if not settings.nats_url:
+            nats_server = EmbeddedNats(data_dir / "nats")
+            backends.owned.append(nats_server)
+            backends.nats_url = nats_server.start()
+    except BaseException:
+        backends.stop()
+        raise
+    backends.run_file = data_dir / RUN_FILE
+    write_run_file(backends.run_file, backends)
+    return backends
+
+
+def write_run_file(path: Path, backends: Backends) -> None:
+    """Lets admin commands reach the embedded servers of a running `serve` (0600: it holds
+    their credentials, like the rest of the data dir)."""
+    body = {
+        "pid": os.getpid(),
+        "database_url": backends.database_url,
+        "nats_url": backends.nats_url,
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(orjson.dumps(body))
+
+
+def read_run_file(data_dir: Path) -> dict[str, Any] | None:
+    """The running `serve`'s backends in this data dir, or None when none is running."""
+    import psutil
+
+    path = data_dir.resolve() / RUN_FILE
+    try:
+        body: dict[str, Any] = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return body if psutil.pid_exists(int(body.get("pid", -1))) else None
+
+
+async def open_services(settings: Settings, database_url: str, nats_url: str) -> Services:
+    database = await connect_database(database_url)
+    try:
+        bus = await connect_bus(nats_url)
+    except BaseException:
+        await database.close()
+        raise
+    authenticator = Authenticator(database, cache_ttl=settings.key_cache_ttl)
+
+    async def forget(key_id: str) -> None:
+        authenticator.forget_key(key_id)
+
+    await bus.on_key_revoked(forget)
+    return Services(settings, database, bus, authenticator)
+
+
+async def close_services(services: Services) -> None:
+    with contextlib.suppress(Exception):
+        await services.bus.close()
+    await services.database.close()
+
+
+async def bootstrap_workspace(database_url: str, services: Services) -> str | None:
+    """On the first start of an embedded install, creates a workspace and returns its key."""
+    import asyncpg
+
+    owner = await asyncpg.connect(database_url)
+    try:
+        if await owner.fetchval("SELECT count(*) FROM workspaces"):
+            return None
+    finally:
+        await owner.close()
+    async with services.database.pool.acquire() as conn, conn.transaction():
+        _workspace_id, api_key = await create_workspace(conn, "Default workspace")
+    return api_key
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, but it leaves signals to us: on SIGINT or SIGTERM it shuts down
+    gracefully and returns, instead of re-raising the signal afterwards (which would kill the
+    process before it stops the embedded Postgres and NATS)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # an embedded server in a test thread: its owner stops it
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        http="httptools",
+        ws="websockets-sansio",
+        loop="none",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=int(max(1, settings.shutdown_grace)),
+        timeout_keep_alive=30,
+    )
+
+
+def banner(url: str, api_key: str | None) -> str:
+    key_line = (
+        f"  API key:    {api_key}\n              (shown once: it is stored only as a hash)\n"
+        if api_key
+        else "  API key:    the one printed at first start, or make one with "
+        "`switchboard keys create --workspace ws_...`\n"
+    )
+    example = api_key or "<key>"
+    return (
+        f"\nSwitchboard {__version__} is ready\n"
+        f"  URL:        {url}\n"
+        f"  API docs:   {url}/docs  (OpenAPI at {url}/openapi.json)\n"
+        f"{key_line}"
+        f'  Try:        curl -H "Authorization: Bearer {example}" {url}/v1/workspace\n'
+    )
+
+
+async def run_server(
+    settings: Settings,
+    backends: Backends,
+    *,
+    announce: Callable[[str], None] = print,
+) -> None:
+    services = await open_services(settings, backends.database_url, backends.nats_url)
+    try:
+        api_key = (
+            await bootstrap_workspace(backends.database_url, services)
+            if backends.embedded
+            else None
+        )
+        sock = bind_socket(settings.host, settings.port)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        server = GatewayServer(uvicorn_config(create_app(services), settings))
+
+        # The socket is already listening, so a client that reads this banner and connects at
+        # once waits in the backlog for the first accept rather than being refused.
+        announce(banner(url, api_key))
+        sys.stdout.flush()
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            sock.close()
+    finally:
+        await close_services(services)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def serve(settings: Settings) -> None:
+    # Until the event loop takes over the signals, SIGTERM unwinds like Ctrl-C does, so the
+    # `finally` below still stops whatever has been started.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    backends = start_backends(settings)
+    try:
+        run(run_server(settings, backends))
+    finally:
+        backends.stop()
+        log.info("stopped")
+
+
+def run(coroutine: Any) -> Any:
+    """Runs a coroutine on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)

@@ -1,0 +1,88 @@
+"""Shared fixtures: one real Postgres and one real NATS per test session, a fresh database,
+a default server, and factories for workspaces and servers with other settings."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from switchboard.config import Settings
+from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
+from tests.harness import ServerThread, Workspace, create_test_database, new_workspace
+
+
+@pytest.fixture(scope="session")
+def backing_servers() -> Iterator[tuple[str, str]]:
+    """(owner database URL, NATS URL) of a real Postgres and NATS."""
+    database_url = os.environ.get("SWITCHBOARD_TEST_DATABASE_URL")
+    nats_url = os.environ.get("SWITCHBOARD_TEST_NATS_URL")
+    started: list[EmbeddedPostgres | EmbeddedNats] = []
+    with tempfile.TemporaryDirectory(prefix="switchboard-test-") as scratch:
+        try:
+            if not database_url:
+                postgres = EmbeddedPostgres(Path(scratch) / "postgres", fsync=False)
+                started.append(postgres)
+                database_url = postgres.start()
+            if not nats_url:
+                nats_server = EmbeddedNats(Path(scratch) / "nats")
+                started.append(nats_server)
+                nats_url = nats_server.start()
+            yield database_url, nats_url
+        finally:
+            for server in reversed(started):
+                server.stop()
+
+
+@pytest.fixture(scope="session")
+async def database_url(backing_servers: tuple[str, str]) -> str:
+    return await create_test_database(backing_servers[0])
+
+
+@pytest.fixture(scope="session")
+def nats_url(backing_servers: tuple[str, str]) -> str:
+    return backing_servers[1]
+
+
+@pytest.fixture(scope="session")
+def make_server(database_url: str, nats_url: str) -> Iterator[Callable[..., ServerThread]]:
+    """Starts extra servers (replicas) on the same Postgres and NATS, with setting overrides."""
+    servers: list[ServerThread] = []
+
+    def make(**overrides: Any) -> ServerThread:
+        settings = Settings(database_url=database_url, nats_url=nats_url).with_overrides(
+            **overrides
+        )
+        server = ServerThread(settings, database_url, nats_url).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(make_server: Callable[..., ServerThread]) -> ServerThread:
+    return make_server()
+
+
+@pytest.fixture
+async def workspace(database_url: str) -> Workspace:
+    return await new_workspace(database_url, "workspace A")
+
+
+@pytest.fixture
+async def other_workspace(database_url: str) -> Workspace:
+    return await new_workspace(database_url, "workspace B")
+
+
+@pytest.fixture
+async def client(server: ServerThread) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
+        yield http
