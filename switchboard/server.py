@@ -156,6 +156,15 @@ class GatewayServer(uvicorn.Server):
     gracefully and returns, instead of re-raising the signal afterwards (which would kill the
     process before it stops the embedded Postgres and NATS)."""
 
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():

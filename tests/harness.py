@@ -58,6 +58,28 @@ async def new_workspace(database_url: str, name: str = "test") -> Workspace:
     return Workspace(workspace_id, key)
 
 
+async def insert_turn(
+    database_url: str, workspace_id: str, call_id: str, role: str, text: str
+) -> str:
+    """Writes a final turn as the recorder will (the recorder is a later issue's work)."""
+    from switchboard.ids import new_id
+
+    turn_id = new_id("trn")
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO turns (id, workspace_id, call_id, role, text) VALUES ($1, $2, $3, $4, $5)",
+            turn_id,
+            workspace_id,
+            call_id,
+            role,
+            text,
+        )
+    finally:
+        await conn.close()
+    return turn_id
+
+
 @dataclass
 class ServerThread:
     """A Switchboard server on 127.0.0.1:<free port>, in a thread, started and stopped by tests."""
@@ -97,8 +119,9 @@ class ServerThread:
             self.app = create_app(self.services)
             self._server = GatewayServer(make_uvicorn_config(self.app, self.settings))
             serving = asyncio.create_task(self._server.serve(sockets=[sock]))
-            while not self._server.started and not serving.done():
-                await asyncio.sleep(0.01)
+            listening = asyncio.create_task(self._server.listening.wait())
+            await asyncio.wait([serving, listening], return_when=asyncio.FIRST_COMPLETED)
+            listening.cancel()
             self._ready.set()
             await serving
         finally:

@@ -104,7 +104,7 @@ async def connect_bus(url: str, *, name: str = "switchboard") -> Bus:
         url,
         name=name,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=1,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,

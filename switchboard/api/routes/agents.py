@@ -38,7 +38,7 @@ async def create_agent(
     return render.agent(row)
 
 
-@router.get("/v1/agents", response_model=models.AgentList, response_model_exclude_none=True)
+@router.get("/v1/agents", response_model=models.AgentList, response_model_exclude_unset=True)
 async def list_agents(
     services: ServicesDep,
     principal: PrincipalDep,

@@ -69,7 +69,7 @@ async def create_call(
     return render.call(row)
 
 
-@router.get("/v1/calls", response_model=models.CallList, response_model_exclude_none=True)
+@router.get("/v1/calls", response_model=models.CallList, response_model_exclude_unset=True)
 async def list_calls(
     services: ServicesDep,
     principal: PrincipalDep,

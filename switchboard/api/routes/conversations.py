@@ -26,7 +26,7 @@ LATEST_MESSAGES = 50
 
 
 @router.get(
-    "/v1/conversations", response_model=models.ConversationList, response_model_exclude_none=True
+    "/v1/conversations", response_model=models.ConversationList, response_model_exclude_unset=True
 )
 async def list_conversations(
     services: ServicesDep,
@@ -61,7 +61,7 @@ async def get_conversation(
 @router.get(
     "/v1/conversations/{conversation_id}/messages",
     response_model=models.MessageList,
-    response_model_exclude_none=True,
+    response_model_exclude_unset=True,
 )
 async def list_messages(
     conversation_id: models.ConversationId,

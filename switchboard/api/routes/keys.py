@@ -33,7 +33,7 @@ async def create_key(
     return {**render.api_key(row), "api_key": secret}
 
 
-@router.get("/v1/keys", response_model=models.ApiKeyList, response_model_exclude_none=True)
+@router.get("/v1/keys", response_model=models.ApiKeyList, response_model_exclude_unset=True)
 async def list_keys(
     services: ServicesDep,
     principal: PrincipalDep,

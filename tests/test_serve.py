@@ -1,0 +1,202 @@
+"""`switchboard serve` on the embedded default, as a user runs it: it prints where to look and a
+key, answers, reuses its data on a second start, leaves no process behind however it is
+stopped, and never logs a token. The admin CLI works beside it and without it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Serve:
+    process: subprocess.Popen[str]
+    url: str = ""
+    api_key: str | None = None
+    banner: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+def start_serve(data_dir: Path, timeout: float = 60) -> Serve:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    serve = Serve(process)
+    assert process.stderr is not None and process.stdout is not None
+    err_stream = process.stderr
+    threading.Thread(
+        target=lambda: serve.stderr.extend(iter(err_stream.readline, "")), daemon=True
+    ).start()
+    deadline = time.monotonic() + timeout
+    for line in iter(process.stdout.readline, ""):
+        serve.banner.append(line)
+        if match := re.search(r"URL:\s+(http://\S+)", line):
+            serve.url = match.group(1)
+        if match := re.search(r"API key:\s+(pk_live_\w+)", line):
+            serve.api_key = match.group(1)
+        if line.startswith("  Try:"):
+            break
+        assert time.monotonic() < deadline, "serve did not print its banner"
+    assert serve.url, "".join(serve.banner) + "".join(serve.stderr)
+    return serve
+
+
+def stop_and_assert_nothing_left(serve: Serve, sig: int) -> None:
+    children = serve.descendants()
+    assert any("postgres" in " ".join(p.cmdline()) for p in children)
+    assert any("nats-server" in " ".join(p.cmdline()) for p in children)
+    serve.process.send_signal(sig)
+    code = serve.process.wait(30)
+    if sig != signal.SIGKILL:
+        assert code == 0, "".join(serve.stderr)
+    _gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "data"
+
+
+def test_first_start_prints_a_key_that_works_and_sigterm_leaves_nothing(data_dir: Path) -> None:
+    serve = start_serve(data_dir)
+    try:
+        assert serve.api_key is not None
+        assert any("/docs" in line for line in serve.banner)
+        headers = {"Authorization": f"Bearer {serve.api_key}"}
+        response = httpx.get(f"{serve.url}/v1/workspace", headers=headers, timeout=10)
+        assert response.status_code == 200
+        # A token in a URL must never reach a log line.
+        httpx.get(f"{serve.url}/v1/workspace", params={"token": serve.api_key}, timeout=10)
+        httpx.get(
+            f"{serve.url}/v1/calls/call_0000000000000000/stream",
+            params={"token": serve.api_key},
+            timeout=10,
+        )
+        assert httpx.get(f"{serve.url}/readyz", timeout=10).status_code == 200
+    finally:
+        stop_and_assert_nothing_left(serve, signal.SIGTERM)
+    logs = "".join(serve.stderr)
+    assert "GET /v1/workspace 200" in logs
+    assert serve.api_key not in logs
+    assert "token=" not in logs
+    assert not (data_dir / "run.json").exists()
+
+    # The second start reuses the data: no new key, and the first key still works.
+    again = start_serve(data_dir)
+    try:
+        assert again.api_key is None
+        headers = {"Authorization": f"Bearer {serve.api_key}"}
+        assert (
+            httpx.get(f"{again.url}/v1/workspace", headers=headers, timeout=10).status_code == 200
+        )
+    finally:
+        stop_and_assert_nothing_left(again, signal.SIGINT)
+
+
+def test_sigkill_leaves_no_orphans(data_dir: Path) -> None:
+    serve = start_serve(data_dir)
+    stop_and_assert_nothing_left(serve, signal.SIGKILL)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "switchboard", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+
+
+def test_admin_cli_with_and_without_a_running_server(data_dir: Path) -> None:
+    # Without a server: the command starts the embedded Postgres for itself, then stops it.
+    made = run_cli("workspace", "create", "Acme", "--json", "--data-dir", str(data_dir))
+    assert made.returncode == 0, made.stderr
+    created = orjson.loads(made.stdout)
+    assert created["workspace_id"].startswith("ws_")
+    assert created["api_key"].startswith("pk_live_")
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(data_dir) in " ".join(p.info["cmdline"] or [])
+    ]
+
+    serve = start_serve(data_dir)
+    try:
+        assert serve.api_key is None  # a workspace already exists: no bootstrap
+        headers = {"Authorization": f"Bearer {created['api_key']}"}
+        workspace = httpx.get(f"{serve.url}/v1/workspace", headers=headers, timeout=10).json()
+        assert workspace == {**workspace, "id": created["workspace_id"], "name": "Acme"}
+
+        # With a server running: the commands use its Postgres and NATS.
+        key = run_cli(
+            "keys",
+            "create",
+            "--workspace",
+            created["workspace_id"],
+            "--json",
+            "--data-dir",
+            str(data_dir),
+        )
+        assert key.returncode == 0, key.stderr
+        second = orjson.loads(key.stdout)
+        second_headers = {"Authorization": f"Bearer {second['api_key']}"}
+        assert (
+            httpx.get(f"{serve.url}/v1/workspace", headers=second_headers, timeout=10).status_code
+            == 200
+        )
+        listed = run_cli(
+            "keys",
+            "list",
+            "--workspace",
+            created["workspace_id"],
+            "--json",
+            "--data-dir",
+            str(data_dir),
+        )
+        assert {k["id"] for k in orjson.loads(listed.stdout)} >= {second["key_id"]}
+        assert second["api_key"] not in listed.stdout
+        revoked = run_cli("keys", "revoke", second["key_id"], "--data-dir", str(data_dir))
+        assert revoked.returncode == 0, revoked.stderr
+        # The running server's cache heard the revocation on NATS.
+        assert (
+            httpx.get(f"{serve.url}/v1/workspace", headers=second_headers, timeout=10).status_code
+            == 401
+        )
+        assert (
+            run_cli(
+                "keys", "revoke", "key_doesnotexist0000", "--data-dir", str(data_dir)
+            ).returncode
+            == 1
+        )
+    finally:
+        stop_and_assert_nothing_left(serve, signal.SIGTERM)
