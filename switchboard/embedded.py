@@ -154,11 +154,11 @@ def _open_path_for(path: Path) -> None:
     """Postgres refuses to run as root, so as root it runs as another user, who must be able to
     traverse every folder above its data directory and read the server's own binaries."""
     rx = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
-    for folder in [path, *path.parents]:
+    install = postgres_bin().parent
+    for folder in [path, *path.parents, *install.parents]:
         mode = folder.stat().st_mode
         if mode & rx != rx:
             folder.chmod(mode | rx)
-    install = postgres_bin().parent
     for walked, _dirs, files in os.walk(install):
         Path(walked).chmod(Path(walked).stat().st_mode | rx)
         for name in files:
