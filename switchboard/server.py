@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,9 @@ from switchboard.bus import connect_bus
 from switchboard.config import Settings
 from switchboard.db import connect_database
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
+from switchboard.live.hub import Hub
+from switchboard.live.metrics import Metrics
+from switchboard.live.registry import StreamRegistry
 from switchboard.workspaces import create_workspace
 
 log = logging.getLogger(__name__)
@@ -112,12 +115,16 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
         await database.close()
         raise
     authenticator = Authenticator(database, cache_ttl=settings.key_cache_ttl)
+    metrics = Metrics()
+    registry = StreamRegistry(metrics)
+    authenticator.on_forget(registry.end_for_key)
 
     async def forget(key_id: str) -> None:
         authenticator.forget_key(key_id)
 
     await bus.on_key_revoked(forget)
-    return Services(settings, database, bus, authenticator)
+    hub = Hub(bus.client, metrics)
+    return Services(settings, database, bus, authenticator, metrics, hub, registry)
 
 
 async def close_services(services: Services) -> None:
@@ -141,6 +148,13 @@ async def bootstrap_workspace(database_url: str, services: Services) -> str | No
     return api_key
 
 
+def draining(services: Services) -> Callable[[], Awaitable[None]]:
+    async def drain() -> None:
+        await services.registry.drain(grace=services.settings.shutdown_grace)
+
+    return drain
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -156,9 +170,19 @@ class GatewayServer(uvicorn.Server):
     gracefully and returns, instead of re-raising the signal afterwards (which would kill the
     process before it stops the embedded Postgres and NATS)."""
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         super().__init__(config)
         self.listening = asyncio.Event()
+        self.drain = drain
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Streams first get their terminal frame or close code (SPEC 6, drain), so that no client
+        # is cut without being told to reconnect; then uvicorn closes what is left.
+        if self.drain is not None:
+            await self.drain()
+        await super().shutdown(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -192,6 +216,10 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         server_header=False,
         timeout_graceful_shutdown=int(max(1, settings.shutdown_grace)),
         timeout_keep_alive=30,
+        # uvicorn pings every heartbeat and closes (1011) a peer that does not pong in time.
+        ws_ping_interval=settings.heartbeat_interval,
+        ws_ping_timeout=settings.heartbeat_interval,
+        ws_max_size=16 * 1024,  # commands are tiny; a bigger message is closed with 1009
     )
 
 
@@ -228,7 +256,9 @@ async def run_server(
         sock = bind_socket(settings.host, settings.port)
         host, port = sock.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-        server = GatewayServer(uvicorn_config(create_app(services), settings))
+        server = GatewayServer(
+            uvicorn_config(create_app(services), settings), drain=draining(services)
+        )
 
         # The socket is already listening, so a client that reads this banner and connects at
         # once waits in the backlog for the first accept rather than being refused.

@@ -17,7 +17,14 @@ from switchboard.api.app import create_app
 from switchboard.api.deps import Services
 from switchboard.config import Settings
 from switchboard.db.database import app_role_url
-from switchboard.server import GatewayServer, bind_socket, close_services, open_services, run
+from switchboard.server import (
+    GatewayServer,
+    bind_socket,
+    close_services,
+    draining,
+    open_services,
+    run,
+)
 from switchboard.server import uvicorn_config as make_uvicorn_config
 from switchboard.workspaces import create_workspace
 
@@ -117,7 +124,9 @@ class ServerThread:
             sock = bind_socket("127.0.0.1", 0)
             self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
             self.app = create_app(self.services)
-            self._server = GatewayServer(make_uvicorn_config(self.app, self.settings))
+            self._server = GatewayServer(
+                make_uvicorn_config(self.app, self.settings), drain=draining(self.services)
+            )
             serving = asyncio.create_task(self._server.serve(sockets=[sock]))
             listening = asyncio.create_task(self._server.listening.wait())
             await asyncio.wait([serving, listening], return_when=asyncio.FIRST_COMPLETED)

@@ -9,7 +9,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
@@ -18,7 +18,16 @@ from switchboard.api.deps import Services
 from switchboard.api.middleware import Authentication, RequestContext, WriteDeadline
 from switchboard.api.models import ErrorBody
 from switchboard.api.responses import error_headers
-from switchboard.api.routes import agents, calls, conversations, health, keys, messages, workspace
+from switchboard.api.routes import (
+    agents,
+    calls,
+    conversations,
+    health,
+    keys,
+    messages,
+    streams,
+    workspace,
+)
 from switchboard.bus import BusUnavailable
 from switchboard.errors import ApiError, error_body
 
@@ -31,6 +40,62 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "UNAVAILABLE"),
         (504, "DEADLINE_EXCEEDED"),
     )
+}
+
+
+def _stream_operation(summary: str, description: str, token: bool, param: str) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = [
+        {"name": param, "in": "path", "required": True, "schema": {"type": "string"}}
+    ]
+    if token:
+        parameters.append(
+            {
+                "name": "token",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "API key or stream token, for clients that cannot set headers.",
+            }
+        )
+    return {
+        "get": {
+            "tags": ["streams"],
+            "summary": summary,
+            "description": description,
+            "parameters": parameters,
+            "responses": {
+                "200": {"description": "The stream.", "content": {"text/event-stream": {}}},
+                "101": {"description": "Switching Protocols (WebSocket)."},
+                "204": {"description": "The call has already ended."},
+                **{str(k): {"description": v["description"]} for k, v in ERROR_RESPONSES.items()},
+            },
+        }
+    }
+
+
+STREAM_PATHS: dict[str, Any] = {
+    "/v1/calls/{call_id}/transcript/stream": _stream_operation(
+        "Live call transcript (SSE)",
+        "Unnamed events with `id:` and one `data:` line per turn, partial or final; "
+        "`event: end` when the call ends; 204 if it already has; terminal `event: error`; "
+        "`: keep-alive` comments.",
+        True,
+        "call_id",
+    ),
+    "/v1/conversations/{conversation_id}/stream": _stream_operation(
+        "Live conversation events (SSE)",
+        "One envelope per event as unnamed SSE events with `id:`. Authorization header only.",
+        False,
+        "conversation_id",
+    ),
+    "/v1/calls/{call_id}/stream": _stream_operation(
+        "Live call events (WebSocket)",
+        "Upgrade to a WebSocket: one JSON envelope per text frame; send "
+        '`{"action": "send_dtmf", "digits": "12#", "request_id": "r1"}` and receive a '
+        "`command.result`. Close codes 1000, 1003, 1008, 1009, 1011, 1012.",
+        True,
+        "call_id",
+    ),
 }
 
 
@@ -108,9 +173,10 @@ def create_app(services: Services) -> ASGIApp:
         strict_content_type=False,
     )
     app.state.services = services
-    for module in (workspace, keys, agents, calls, conversations, messages):
+    for module in (workspace, keys, agents, calls, conversations, messages, streams):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(health.router)
+    app.router.routes.extend(streams.stream_routes(services))
     install_error_handlers(app)
 
     def openapi() -> dict[str, Any]:
@@ -121,6 +187,7 @@ def create_app(services: Services) -> ASGIApp:
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "pk_live_... key"}
             }
+            schema["paths"].update(STREAM_PATHS)
             for path, operations in schema["paths"].items():
                 if path.startswith("/v1"):
                     for operation in operations.values():
@@ -134,8 +201,18 @@ def create_app(services: Services) -> ASGIApp:
     async def docs() -> HTMLResponse:
         return HTMLResponse(render_docs(openapi()))
 
-    return RequestContext(WriteDeadline(Authentication(app, services.authenticator),
-                                        services.settings.write_deadline))  # fmt: skip
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(
+            services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    return RequestContext(
+        WriteDeadline(
+            Authentication(app, services.authenticator, services.metrics),
+            services.settings.write_deadline,
+        )
+    )
 
 
 def render_docs(schema: dict[str, Any]) -> str:

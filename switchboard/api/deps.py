@@ -11,6 +11,9 @@ from switchboard.auth.authenticator import Authenticator, Principal
 from switchboard.bus import Bus
 from switchboard.config import Settings
 from switchboard.db import Database
+from switchboard.live.hub import Hub
+from switchboard.live.metrics import Metrics
+from switchboard.live.registry import StreamRegistry
 
 
 @dataclass
@@ -19,6 +22,9 @@ class Services:
     database: Database
     bus: Bus
     authenticator: Authenticator
+    metrics: Metrics
+    hub: Hub
+    registry: StreamRegistry
 
 
 def get_services(request: Request) -> Services:

@@ -18,9 +18,11 @@ from switchboard.auth.policy import (
     is_stream_path,
     query_token_allowed,
     query_tokens,
+    stream_call_id,
 )
 from switchboard.errors import ApiError
 from switchboard.ids import new_id
+from switchboard.live.metrics import Metrics
 
 access_log = logging.getLogger("switchboard.access")
 log = logging.getLogger(__name__)
@@ -128,9 +130,10 @@ class Authentication:
     call stream paths only. A `?token=` anywhere else is refused even beside a valid header.
     The principal is left in `scope["state"]["principal"]` for the routes."""
 
-    def __init__(self, app: ASGIApp, authenticator: Authenticator) -> None:
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, metrics: Metrics) -> None:
         self.app = app
         self.authenticator = authenticator
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -146,6 +149,8 @@ class Authentication:
             if path == "/v1" or path.startswith("/v1/"):
                 scope["state"]["principal"] = await self._principal(scope, tokens)
         except ApiError as failure:
+            if isinstance(failure, AuthFailure):
+                self.metrics.auth_failures[failure.reason] += 1
             await send_error(scope, send, failure)
             return
         await self.app(scope, receive, send)
@@ -170,7 +175,16 @@ class Authentication:
                 credential = bearer_credential(header)
             except MalformedAuthorization as bad:
                 raise AuthFailure("malformed", str(bad)) from None
-        return await self.authenticator.authenticate(credential)
+        principal = await self.authenticator.authenticate(credential)
+        if principal.is_stream_token:
+            # A stream token works only as ?token= on the stream paths of its own call.
+            if not tokens:
+                raise AuthFailure(
+                    "stream_token", "A stream token is accepted only as ?token= on a call stream."
+                )
+            if stream_call_id(scope["path"]) != principal.call_id:
+                raise AuthFailure("stream_token", "This stream token is for another call.")
+        return principal
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

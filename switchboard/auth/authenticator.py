@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from switchboard.auth import stream_tokens
 from switchboard.auth.keys import display_prefix, hash_secret, hashes_match, looks_like_key
 from switchboard.db import Database
 from switchboard.errors import ApiError
@@ -17,11 +18,19 @@ MAX_CACHE_ENTRIES = 50_000
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request acts as: always one workspace; `key_id` names the key for audit."""
+    """Who a request acts as: always one workspace; `key_id` names the key (for a stream token,
+    the key that issued it). A stream token also scopes the principal to one call until
+    `expires_at` (Unix seconds)."""
 
     workspace_id: str
     key_id: str
     mode: str
+    call_id: str | None = None
+    expires_at: float | None = None
+
+    @property
+    def is_stream_token(self) -> bool:
+        return self.call_id is not None
 
 
 class AuthFailure(ApiError):
@@ -42,13 +51,23 @@ class Authenticator:
         *,
         cache_ttl: float = MAX_CACHE_TTL,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.database = database
         self.cache_ttl = min(cache_ttl, MAX_CACHE_TTL)
         self.clock = clock
+        self.wall_clock = wall_clock
         self._cache: dict[bytes, tuple[Principal, float]] = {}
+        self._active_keys: dict[str, float] = {}  # key_id -> cache expiry, for stream tokens
+        self._on_forget: list[Callable[[str], object]] = []
+
+    def on_forget(self, listener: Callable[[str], object]) -> None:
+        """`listener(key_id)` runs whenever a key is revoked (here or on another replica)."""
+        self._on_forget.append(listener)
 
     async def authenticate(self, credential: str) -> Principal:
+        if credential.startswith(stream_tokens.PREFIX):
+            return await self._stream_token(credential)
         if not looks_like_key(credential):
             raise AuthFailure("malformed", INVALID_KEY_MESSAGE)
         secret_hash = hash_secret(credential)
@@ -68,7 +87,30 @@ class Authenticator:
         self._cache[secret_hash] = (principal, now + self.cache_ttl)
         return principal
 
+    async def _stream_token(self, token: str) -> Principal:
+        try:
+            claims = stream_tokens.verify(
+                self.database.stream_token_secret, token, self.wall_clock()
+            )
+        except stream_tokens.InvalidStreamToken as bad:
+            raise AuthFailure("stream_token", str(bad)) from None
+        now = self.clock()
+        if self._active_keys.get(claims.key_id, 0.0) <= now:
+            if not await self.database.key_active(claims.workspace_id, claims.key_id):
+                raise AuthFailure(
+                    "unknown_or_revoked", "The key that issued this token was revoked."
+                )
+            if len(self._active_keys) >= MAX_CACHE_ENTRIES:
+                self._active_keys.clear()
+            self._active_keys[claims.key_id] = now + self.cache_ttl
+        return Principal(
+            claims.workspace_id, claims.key_id, "stream", claims.call_id, float(claims.expires_at)
+        )
+
     def forget_key(self, key_id: str) -> None:
         """Called for a revocation on this replica or announced by another one."""
         for secret_hash in [h for h, (p, _) in self._cache.items() if p.key_id == key_id]:
             del self._cache[secret_hash]
+        self._active_keys.pop(key_id, None)
+        for listener in self._on_forget:
+            listener(key_id)

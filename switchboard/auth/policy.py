@@ -33,6 +33,14 @@ def is_stream_path(path: str) -> bool:
     )
 
 
+def stream_call_id(path: str) -> str | None:
+    """The call id in a call stream path, or None for any other path."""
+    for pattern in (_CALL_TRANSCRIPT_STREAM, _CALL_EVENT_STREAM):
+        if pattern.match(path):
+            return path.split("/")[3]
+    return None
+
+
 def query_tokens(query_string: bytes) -> list[str]:
     """Every `token` value in a raw query string (a repeated or empty one still counts)."""
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)

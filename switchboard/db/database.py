@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -42,14 +43,24 @@ def app_role_url(owner_url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-async def prepare_database(owner_url: str) -> None:
-    """Migrates the schema and sets the application role's password (idempotent)."""
+async def prepare_database(owner_url: str) -> bytes:
+    """Migrates the schema, sets the application role's password (idempotent), and returns the
+    stream-token signing secret (made by whichever replica starts first)."""
     conn = await asyncpg.connect(owner_url)
     try:
         await apply_migrations(conn)
         # Not a parameter: ALTER ROLE takes no bind parameters; the value is hex, so it is safe.
         password = app_role_password(owner_url)
         await conn.execute(f"ALTER ROLE {APP_ROLE} LOGIN PASSWORD '{password}'")
+        await conn.execute(
+            "INSERT INTO gateway_secrets (name, value) VALUES ('stream_tokens', $1) "
+            "ON CONFLICT (name) DO NOTHING",
+            secrets.token_bytes(32),
+        )
+        secret = await conn.fetchval(
+            "SELECT value FROM gateway_secrets WHERE name = 'stream_tokens'"
+        )
+        return bytes(secret)
     finally:
         await conn.close()
 
@@ -65,8 +76,9 @@ class ApiKeyCandidate:
 class Database:
     """The application's handle on Postgres; every query goes through `workspace()`."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, stream_token_secret: bytes) -> None:
         self.pool = pool
+        self.stream_token_secret = stream_token_secret
 
     @asynccontextmanager
     async def workspace(self, workspace_id: str) -> AsyncIterator[Connection]:
@@ -84,6 +96,25 @@ class Database:
             for r in rows
         ]
 
+    async def key_active(self, workspace_id: str, key_id: str) -> bool:
+        async with self.workspace(workspace_id) as conn:
+            return bool(
+                await conn.fetchval("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1", key_id)
+            )
+
+    async def call_status(self, workspace_id: str, call_id: str) -> str | None:
+        """The call's status, or None when it does not exist in this workspace."""
+        async with self.workspace(workspace_id) as conn:
+            status = await conn.fetchval("SELECT status FROM calls WHERE id = $1", call_id)
+        return None if status is None else str(status)
+
+    async def conversation_exists(self, workspace_id: str, conversation_id: str) -> bool:
+        async with self.workspace(workspace_id) as conn:
+            found = await conn.fetchval(
+                "SELECT 1 FROM conversations WHERE id = $1", conversation_id
+            )
+        return found is not None
+
     async def ping(self) -> None:
         async with self.pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
@@ -93,7 +124,7 @@ class Database:
 
 
 async def connect_database(owner_url: str, *, min_size: int = 2, max_size: int = 20) -> Database:
-    await prepare_database(owner_url)
+    secret = await prepare_database(owner_url)
     pool = await asyncpg.create_pool(
         app_role_url(owner_url),
         min_size=min_size,
@@ -101,7 +132,7 @@ async def connect_database(owner_url: str, *, min_size: int = 2, max_size: int =
         server_settings={"application_name": "switchboard"},
         **_pool_options(),
     )
-    return Database(pool)
+    return Database(pool, secret)
 
 
 def _pool_options() -> dict[str, Any]:

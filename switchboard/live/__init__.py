@@ -1,0 +1,1 @@
+"""The three live streams: a hub of shared bus subscriptions, bounded outboxes, SSE, WebSocket."""

@@ -1,0 +1,96 @@
+"""A bounded, never-blocking queue of wire frames for one client, drained by its writer task.
+
+The bus side calls `offer` and never waits: a full outbox drops the new frame and counts it.
+Replies to the client's own commands and the terminal frame bypass the bound (they are few and
+must not be lost), so a stalled client can still be told why its stream ended."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from switchboard.live.frames import Terminal
+
+# SSE frames are bytes; WebSocket texts are str, decoded once for all watchers.
+Frame = bytes | str
+Item = Frame | Terminal
+
+
+class Outbox:
+    def __init__(self, capacity: int, on_drop: Callable[[], None] = lambda: None) -> None:
+        self.capacity = capacity
+        self.dropped = 0
+        self._frames: deque[Frame] = deque()
+        self._priority: deque[Frame] = deque()
+        self._terminal: Terminal | None = None
+        self._ready = asyncio.Event()
+        self._on_drop = on_drop
+        self.aborted = False
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def terminal(self) -> Terminal | None:
+        return self._terminal
+
+    def offer(self, frame: Frame) -> bool:
+        """Queues a frame unless the outbox is full or ended; never blocks."""
+        if self._terminal is not None:
+            return False
+        if len(self._frames) >= self.capacity:
+            self.dropped += 1
+            self._on_drop()
+            return False
+        self._frames.append(frame)
+        self._ready.set()
+        return True
+
+    def push_priority(self, frame: Frame) -> None:
+        """A reply to this client's own command: ahead of the stream, outside the bound."""
+        self._priority.append(frame)
+        self._ready.set()
+
+    def end(self, terminal: Terminal) -> None:
+        """Ends the stream after what is already queued; the first ending wins."""
+        if self._terminal is None:
+            self._terminal = terminal
+            self._ready.set()
+
+    def end_now(self, terminal: Terminal) -> None:
+        """Ends the stream before anything still queued (revocation, drain)."""
+        self._frames.clear()
+        self._terminal = None
+        self.end(terminal)
+
+    def abort(self) -> None:
+        """The client is gone: wake the writer so it stops and releases everything at once."""
+        self.aborted = True
+        self._frames.clear()
+        self._ready.set()
+
+    def take_ready(self, limit: int) -> list[Frame]:
+        """Up to `limit` queued frames without waiting, so a writer can send them in one write."""
+        batch: list[Frame] = []
+        while self._frames and len(batch) < limit:
+            batch.append(self._frames.popleft())
+        return batch
+
+    async def next(self, wait: float | None) -> Item | None:
+        """The next frame, then the terminal; None if nothing came within `wait` seconds or the
+        outbox was aborted."""
+        while not self.aborted:
+            if self._priority:
+                return self._priority.popleft()
+            if self._frames:
+                return self._frames.popleft()
+            if self._terminal is not None:
+                return self._terminal
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
+        return None

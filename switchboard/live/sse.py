@@ -1,0 +1,173 @@
+"""The two SSE streams (SPEC 5.1 and 5.2), as raw ASGI endpoints: subscribe first, then read
+state, then one writer loop per client that drains its outbox, writes heartbeats, and stops the
+moment the client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from starlette.types import Message, Receive, Scope, Send
+
+from switchboard.api.deps import Services
+from switchboard.api.responses import send_error
+from switchboard.auth.authenticator import Principal
+from switchboard.errors import ApiError, not_found
+from switchboard.events import (
+    call_events_subject,
+    call_transcript_subject,
+    conversation_events_subject,
+)
+from switchboard.ids import is_id
+from switchboard.live.frames import SSE_HEADERS, SSE_HEARTBEAT, Ending, Terminal, sse_retry
+from switchboard.live.hub import View
+from switchboard.live.outbox import Outbox
+
+BATCH = 64  # frames joined into one write when a client has fallen behind
+
+
+def time_left(principal: Principal) -> float | None:
+    return None if principal.expires_at is None else principal.expires_at - time.time()
+
+
+async def _watch_disconnect(receive: Receive, outbox: Outbox) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            outbox.abort()
+            return
+
+
+async def pump_sse(
+    services: Services,
+    kind: str,
+    principal: Principal,
+    outbox: Outbox,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Writes the response: headers, retry hint, frames, heartbeats, one terminal frame."""
+    metrics = services.metrics
+    heartbeat = services.settings.heartbeat_interval
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    await send({"type": "http.response.body", "body": sse_retry(), "more_body": True})
+    listener = asyncio.create_task(_watch_disconnect(receive, outbox))
+    try:
+        while True:
+            remaining = time_left(principal)
+            if remaining is not None and remaining <= 0:
+                outbox.end_now(Terminal(Ending.TOKEN_EXPIRED))
+            wait = heartbeat if remaining is None else max(0.0, min(heartbeat, remaining))
+            item = await outbox.next(wait)
+            if outbox.aborted:
+                return
+            if item is None:
+                if remaining is None or remaining > heartbeat:
+                    await send(
+                        {"type": "http.response.body", "body": SSE_HEARTBEAT, "more_body": True}
+                    )
+                    metrics.heartbeats[kind] += 1
+                continue
+            if isinstance(item, Terminal):
+                await send({"type": "http.response.body", "body": item.sse(), "more_body": False})
+                return
+            batch = [item, *outbox.take_ready(BATCH - 1)]
+            body = b"".join(f if isinstance(f, bytes) else f.encode() for f in batch)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            metrics.frames_sent[kind] += len(batch)
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+
+
+class TranscriptStream:
+    """`GET /v1/calls/{id}/transcript/stream`."""
+
+    kind = "transcript_sse"
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = self.services
+        principal: Principal = scope["state"]["principal"]
+        call_id = scope["path_params"]["call_id"]
+        if not is_id(call_id, "call"):
+            await send_error(
+                scope,
+                send,
+                ApiError("INVALID_ARGUMENT", "call_id: must be an id of the form call_..."),
+            )
+            return
+        ws = principal.workspace_id
+        outbox = Outbox(services.settings.stream_buffer, self._dropped)
+        watches = [
+            (call_transcript_subject(ws, call_id), View.TRANSCRIPT),
+            (call_events_subject(ws, call_id), View.TRANSCRIPT_END),
+        ]
+        try:
+            # Subscribe before reading the call's state: an end in between is then never missed.
+            for subject, view in watches:
+                await services.hub.watch(subject, ws, view, outbox)
+            status = await services.database.call_status(ws, call_id)
+            if status is None:
+                await send_error(scope, send, not_found("call", call_id))
+                return
+            if status != "in_progress":
+                # 204 tells EventSource to stop reconnecting.
+                await send({"type": "http.response.start", "status": 204, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            services.registry.add(outbox, self.kind, principal.key_id)
+            try:
+                await pump_sse(services, self.kind, principal, outbox, receive, send)
+            finally:
+                services.registry.remove(outbox)
+        finally:
+            for subject, view in watches:
+                await services.hub.unwatch(subject, view, outbox)
+
+    def _dropped(self) -> None:
+        self.services.metrics.frames_dropped[self.kind] += 1
+
+
+class ConversationStream:
+    """`GET /v1/conversations/{id}/stream` (Authorization header only; the middleware has
+    already refused any ?token=)."""
+
+    kind = "conversation_sse"
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = self.services
+        principal: Principal = scope["state"]["principal"]
+        conversation_id = scope["path_params"]["conversation_id"]
+        if not is_id(conversation_id, "conv"):
+            await send_error(
+                scope,
+                send,
+                ApiError("INVALID_ARGUMENT", "conversation_id: must be an id of the form conv_..."),
+            )
+            return
+        ws = principal.workspace_id
+        outbox = Outbox(services.settings.stream_buffer, self._dropped)
+        subject = conversation_events_subject(ws, conversation_id)
+        try:
+            await services.hub.watch(subject, ws, View.CONVERSATION, outbox)
+            if not await services.database.conversation_exists(ws, conversation_id):
+                await send_error(scope, send, not_found("conversation", conversation_id))
+                return
+            services.registry.add(outbox, self.kind, principal.key_id)
+            try:
+                await pump_sse(services, self.kind, principal, outbox, receive, send)
+            finally:
+                services.registry.remove(outbox)
+        finally:
+            await services.hub.unwatch(subject, View.CONVERSATION, outbox)
+
+    def _dropped(self) -> None:
+        self.services.metrics.frames_dropped[self.kind] += 1

@@ -1,0 +1,192 @@
+"""The call event WebSocket (SPEC 5.3), as a raw ASGI endpoint. Auth happened before the
+upgrade (the middleware answers a plain 401 instead); here: 404 before the upgrade for a call
+that is not the caller's, then envelopes out, DTMF commands in, and the close codes of SPEC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import orjson
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from starlette.types import Receive, Scope, Send
+
+from switchboard.api.deps import Services
+from switchboard.api.responses import send_error
+from switchboard.auth.authenticator import Principal
+from switchboard.errors import ApiError, not_found
+from switchboard.events import call_control_subject, call_events_subject
+from switchboard.ids import is_id
+from switchboard.live.frames import (
+    CommandError,
+    Ending,
+    SendDtmf,
+    Terminal,
+    command_result,
+    parse_command,
+)
+from switchboard.live.hub import View
+from switchboard.live.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 5.0  # seconds the media plane has to answer a command
+MAX_COMMANDS_IN_FLIGHT = 8
+
+
+class CallEventSocket:
+    """`GET /v1/calls/{id}/stream` (WebSocket)."""
+
+    kind = "call_websocket"
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = self.services
+        principal: Principal = scope["state"]["principal"]
+        call_id = scope["path_params"]["call_id"]
+        if not is_id(call_id, "call"):
+            await send_error(
+                scope,
+                send,
+                ApiError("INVALID_ARGUMENT", "call_id: must be an id of the form call_..."),
+            )
+            return
+        connect = await receive()
+        if connect["type"] != "websocket.connect":
+            return
+        ws = principal.workspace_id
+        subject = call_events_subject(ws, call_id)
+        outbox = Outbox(services.settings.stream_buffer, self._dropped)
+        try:
+            await services.hub.watch(subject, ws, View.CALL_EVENTS, outbox)
+            status = await services.database.call_status(ws, call_id)
+            if status is None:
+                await send_error(scope, send, not_found("call", call_id))
+                return
+            await send({"type": "websocket.accept"})
+            if status != "in_progress":
+                await send(
+                    {"type": "websocket.close", "code": 1000, "reason": "call already ended"}
+                )
+                return
+            services.registry.add(outbox, self.kind, principal.key_id)
+            try:
+                await self._session(principal, call_id, outbox, receive, send)
+            finally:
+                services.registry.remove(outbox)
+        finally:
+            await services.hub.unwatch(subject, View.CALL_EVENTS, outbox)
+
+    async def _session(
+        self, principal: Principal, call_id: str, outbox: Outbox, receive: Receive, send: Send
+    ) -> None:
+        writer = asyncio.create_task(self._write(principal, outbox, send))
+        commands: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("bytes") is not None:
+                    outbox.end_now(Terminal(Ending.BINARY_FRAME))
+                    continue
+                command = parse_command(message.get("text") or "")
+                if isinstance(command, CommandError):
+                    outbox.push_priority(
+                        command_result(
+                            command.request_id, False, command.error_code, command.message
+                        )
+                    )
+                elif len(commands) >= MAX_COMMANDS_IN_FLIGHT:
+                    outbox.push_priority(
+                        command_result(
+                            command.request_id,
+                            False,
+                            "RATE_LIMITED",
+                            f"At most {MAX_COMMANDS_IN_FLIGHT} commands may be in flight.",
+                        )
+                    )
+                else:
+                    task = asyncio.create_task(self._send_dtmf(principal, call_id, command, outbox))
+                    commands.add(task)
+                    task.add_done_callback(commands.discard)
+        finally:
+            outbox.abort()
+            for task in (writer, *commands):
+                task.cancel()
+            for task in (writer, *commands):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _write(self, principal: Principal, outbox: Outbox, send: Send) -> None:
+        metrics = self.services.metrics
+        while True:
+            remaining = None if principal.expires_at is None else principal.expires_at - time.time()
+            if remaining is not None and remaining <= 0:
+                outbox.end_now(Terminal(Ending.TOKEN_EXPIRED))
+            item = await outbox.next(remaining if remaining is None else max(0.0, remaining))
+            if outbox.aborted:
+                return
+            if item is None:
+                continue
+            if isinstance(item, Terminal):
+                code, reason = item.websocket_close()
+                await send({"type": "websocket.close", "code": code, "reason": reason})
+                return
+            text = item if isinstance(item, str) else item.decode()
+            await send({"type": "websocket.send", "text": text})
+            metrics.frames_sent[self.kind] += 1
+
+    async def _send_dtmf(
+        self, principal: Principal, call_id: str, command: SendDtmf, outbox: Outbox
+    ) -> None:
+        """Asks the media plane on the call's control subject; it answers, then publishes
+        `call.dtmf_sent` for everyone. No answer in time is an UNAVAILABLE result, never a hang."""
+        request = orjson.dumps(
+            {
+                "action": "send_dtmf",
+                "digits": command.digits,
+                "request_id": command.request_id,
+                "call_id": call_id,
+            }
+        )
+        subject = call_control_subject(principal.workspace_id, call_id)
+        try:
+            reply = await self.services.bus.client.request(
+                subject, request, timeout=COMMAND_TIMEOUT
+            )
+            answer = orjson.loads(reply.data)
+            if not isinstance(answer, dict):
+                raise ValueError("the media plane's answer is not an object")
+        except NoRespondersError:
+            result = command_result(
+                command.request_id, False, "UNAVAILABLE", "No media plane is handling this call."
+            )
+        except (TimeoutError, NatsTimeout):
+            result = command_result(
+                command.request_id, False, "UNAVAILABLE", "The media plane did not answer in time."
+            )
+        except (ValueError, orjson.JSONDecodeError):
+            log.warning("the media plane answered a command with something unreadable")
+            result = command_result(
+                command.request_id, False, "INTERNAL", "The media plane's answer was unreadable."
+            )
+        else:
+            if answer.get("ok") is True:
+                result = command_result(command.request_id, True)
+            else:
+                result = command_result(
+                    command.request_id,
+                    False,
+                    str(answer.get("error_code") or "UNAVAILABLE"),
+                    str(answer.get("message") or "The media plane refused the command."),
+                )
+        outbox.push_priority(result)
+
+    def _dropped(self) -> None:
+        self.services.metrics.frames_dropped[self.kind] += 1
