@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from switchboard.config import Settings
+from switchboard.db.database import prepare_database
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
 from tests.harness import ServerThread, Workspace, create_test_database, new_workspace
 
@@ -41,7 +42,10 @@ def backing_servers() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="session")
 async def database_url(backing_servers: tuple[str, str]) -> str:
-    return await create_test_database(backing_servers[0])
+    """A fresh, migrated database; its URL names the owner role."""
+    url = await create_test_database(backing_servers[0])
+    await prepare_database(url)
+    return url
 
 
 @pytest.fixture(scope="session")

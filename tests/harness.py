@@ -101,6 +101,19 @@ class ServerThread:
     _thread: threading.Thread | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
     _error: BaseException | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def call(self, fn: Any) -> Any:
+        """Runs `fn()` on the server's event loop and returns its result (for inspection)."""
+        assert self.loop is not None
+
+        async def run_it() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run_it(), self.loop).result(10)
+
+    def task_count(self) -> int:
+        return int(self.call(lambda: len(asyncio.all_tasks())))
 
     def start(self, timeout: float = 30.0) -> ServerThread:
         self._thread = threading.Thread(target=self._run, name="switchboard-test", daemon=True)
@@ -119,6 +132,7 @@ class ServerThread:
             self._ready.set()
 
     async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.services = await open_services(self.settings, self.database_url, self.nats_url)
         try:
             sock = bind_socket("127.0.0.1", 0)

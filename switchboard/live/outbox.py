@@ -70,6 +70,11 @@ class Outbox:
         self._frames.clear()
         self._ready.set()
 
+    def take_priority(self) -> list[Frame]:
+        replies = list(self._priority)
+        self._priority.clear()
+        return replies
+
     def take_ready(self, limit: int) -> list[Frame]:
         """Up to `limit` queued frames without waiting, so a writer can send them in one write."""
         batch: list[Frame] = []

@@ -85,7 +85,11 @@ class CallEventSocket:
     async def _session(
         self, principal: Principal, call_id: str, outbox: Outbox, receive: Receive, send: Send
     ) -> None:
-        writer = asyncio.create_task(self._write(principal, outbox, send))
+        # request_id -> set once its command.result is queued; the writer holds back this
+        # sender's copy of the matching call.dtmf_sent until then, so the sender always sees
+        # its result first (the two travel on different NATS subscriptions).
+        answered: dict[str, asyncio.Event] = {}
+        writer = asyncio.create_task(self._write(principal, outbox, send, answered))
         commands: set[asyncio.Task[None]] = set()
         try:
             while True:
@@ -112,7 +116,10 @@ class CallEventSocket:
                         )
                     )
                 else:
-                    task = asyncio.create_task(self._send_dtmf(principal, call_id, command, outbox))
+                    answered[command.request_id] = asyncio.Event()
+                    task = asyncio.create_task(
+                        self._send_dtmf(principal, call_id, command, outbox, answered)
+                    )
                     commands.add(task)
                     task.add_done_callback(commands.discard)
         finally:
@@ -123,7 +130,13 @@ class CallEventSocket:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _write(self, principal: Principal, outbox: Outbox, send: Send) -> None:
+    async def _write(
+        self,
+        principal: Principal,
+        outbox: Outbox,
+        send: Send,
+        answered: dict[str, asyncio.Event],
+    ) -> None:
         metrics = self.services.metrics
         while True:
             remaining = None if principal.expires_at is None else principal.expires_at - time.time()
@@ -139,11 +152,24 @@ class CallEventSocket:
                 await send({"type": "websocket.close", "code": code, "reason": reason})
                 return
             text = item if isinstance(item, str) else item.decode()
+            if answered and '"call.dtmf_sent"' in text:
+                request_id = orjson.loads(text).get("payload", {}).get("request_id")
+                if request_id in answered:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(COMMAND_TIMEOUT):
+                            await answered[request_id].wait()
+                    for result in outbox.take_priority():
+                        await send({"type": "websocket.send", "text": str(result)})
             await send({"type": "websocket.send", "text": text})
             metrics.frames_sent[self.kind] += 1
 
     async def _send_dtmf(
-        self, principal: Principal, call_id: str, command: SendDtmf, outbox: Outbox
+        self,
+        principal: Principal,
+        call_id: str,
+        command: SendDtmf,
+        outbox: Outbox,
+        answered: dict[str, asyncio.Event],
     ) -> None:
         """Asks the media plane on the call's control subject; it answers, then publishes
         `call.dtmf_sent` for everyone. No answer in time is an UNAVAILABLE result, never a hang."""
@@ -187,6 +213,9 @@ class CallEventSocket:
                     str(answer.get("message") or "The media plane refused the command."),
                 )
         outbox.push_priority(result)
+        done = answered.pop(command.request_id, None)
+        if done is not None:
+            done.set()
 
     def _dropped(self) -> None:
         self.services.metrics.frames_dropped[self.kind] += 1
