@@ -1,0 +1,338 @@
+"""Fan-out benchmark: N live streams (SSE and WebSocket) on one Switchboard server.
+
+Starts `switchboard serve` on the embedded default, opens N streams across C calls from client
+worker processes, publishes events to NATS at a given rate with the send time inside each one,
+and reports frames delivered and dropped, publish-to-client latency (p50 / p95 / p99), server
+CPU seconds and RSS per open stream, and the machine it ran on.
+
+    .venv/bin/python -m bench.fanout --streams 1000 --calls 10 --rate 20 --seconds 10
+
+The load generator must not be the bottleneck: the report gives the client workers' CPU use
+(well under one core each means they kept up) and the publisher's achieved rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import orjson
+import psutil
+
+from switchboard.events import call_events_subject, call_transcript_subject, make_envelope
+
+LATENCY_SAMPLE_CAP = 200_000
+
+
+@dataclass
+class Plan:
+    url: str
+    key: str
+    streams: list[tuple[str, str]]  # (kind: "sse" | "ws", call_id)
+
+
+# --- client workers (separate processes) ----------------------------------------------------
+
+
+async def _sse_client(
+    url: str, key: str, call_id: str, stats: dict[str, Any], ready: asyncio.Event, opened: list[int]
+) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+    writer.write(
+        f"GET /v1/calls/{call_id}/transcript/stream HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {key}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    opened[0] += 1
+    ready.set()
+    marker = b"t="
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        at = line.find(marker)
+        if line.startswith(b"data:") and at >= 0:
+            sent = float(line[at + 2 : line.index(b" ", at) if b" " in line[at:] else -1])
+            _record(stats, time.time() - sent)
+
+
+async def _ws_client(
+    url: str, key: str, call_id: str, stats: dict[str, Any], ready: asyncio.Event, opened: list[int]
+) -> None:
+    from websockets.asyncio.client import connect
+
+    ws_url = url.replace("http://", "ws://") + f"/v1/calls/{call_id}/stream"
+    async with connect(
+        ws_url,
+        additional_headers={"Authorization": f"Bearer {key}"},
+        ping_interval=None,
+        max_queue=None,
+    ) as socket:
+        opened[0] += 1
+        ready.set()
+        async for text in socket:
+            envelope = orjson.loads(text)
+            _record(stats, time.time() - envelope["payload"]["sent_at"])
+
+
+def _record(stats: dict[str, Any], latency: float) -> None:
+    stats["frames"] += 1
+    if len(stats["latencies"]) < LATENCY_SAMPLE_CAP:
+        stats["latencies"].append(latency)
+
+
+def worker(plan: Plan, conn: Connection) -> None:
+    import uvloop
+
+    async def main() -> None:
+        stats: dict[str, Any] = {"frames": 0, "latencies": []}
+        opened = [0]
+        ready = asyncio.Event()
+        tasks = []
+        for kind, call_id in plan.streams:
+            client = _sse_client if kind == "sse" else _ws_client
+            tasks.append(
+                asyncio.create_task(client(plan.url, plan.key, call_id, stats, ready, opened))
+            )
+            if len(tasks) % 200 == 0:
+                await asyncio.sleep(0)  # let the handshakes breathe
+        while opened[0] < len(plan.streams):
+            failed = [t for t in tasks if t.done() and t.exception()]
+            if failed:
+                raise RuntimeError(f"a stream failed to open: {failed[0].exception()!r}")
+            await asyncio.sleep(0.05)
+        cpu = psutil.Process().cpu_times()
+        conn.send(("open", opened[0]))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, conn.recv)  # "stop"
+        after = psutil.Process().cpu_times()
+        busy = after.user + after.system - cpu.user - cpu.system
+        conn.send(("done", stats["frames"], stats["latencies"], busy))
+        for task in tasks:
+            task.cancel()
+
+    uvloop.run(main())
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env["SWITCHBOARD_LOG_LEVEL"] = "warning"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    url = key = ""
+    assert process.stdout is not None
+    for line in iter(process.stdout.readline, ""):
+        if match := re.search(r"URL:\s+(\S+)", line):
+            url = match.group(1)
+        if match := re.search(r"API key:\s+(pk_live_\w+)", line):
+            key = match.group(1)
+        if line.startswith("  Try:"):
+            break
+    return process, url, key
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name):
+            total += float(line.split()[-1])
+    return total
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = psutil.virtual_memory().total / 2**30
+    system = f"Linux {platform.release()}, Python {platform.python_version()}"
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {system}"
+
+
+async def publish(
+    nats_url: str, workspace_id: str, calls: list[str], rate: float, seconds: float, kinds: set[str]
+) -> tuple[int, float]:
+    """Publishes `rate` events per call per second for `seconds`, the calls staggered evenly
+    across each interval as independent calls would be; returns (sent, achieved/s)."""
+    client = await nats.connect(nats_url)
+    sent = 0
+    step = 1.0 / rate / len(calls)
+    started = time.monotonic()
+    tick = 0
+    while time.monotonic() - started < seconds:
+        call_id = calls[tick % len(calls)]
+        now = time.time()
+        if "sse" in kinds:
+            turn = {
+                "role": "user",
+                "text": f"t={now:.6f} hello",
+                "is_final": False,
+                "turn_id": "trn_bench00000000000",
+                "ts": "2026-01-01T00:00:00.000Z",
+            }
+            await client.publish(call_transcript_subject(workspace_id, call_id), orjson.dumps(turn))
+        if "ws" in kinds:
+            envelope = make_envelope(
+                "call.idle_silence",
+                workspace_id=workspace_id,
+                channel="voice",
+                call_id=call_id,
+                payload={"silence_ms": 1, "threshold_ms": 1, "sent_at": now},
+            )
+            await client.publish(call_events_subject(workspace_id, call_id), orjson.dumps(envelope))
+        sent += 1
+        tick += 1
+        delay = started + tick * step - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    elapsed = time.monotonic() - started
+    await client.flush()
+    await client.close()
+    return sent, sent / elapsed
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    raise_fd_limit()
+    with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as scratch:
+        process, url, key = start_server(Path(scratch))
+        server = psutil.Process(process.pid)
+        try:
+            return _measure(args, url, key, server, Path(scratch))
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+def _measure(
+    args: argparse.Namespace, url: str, key: str, server: psutil.Process, data_dir: Path
+) -> dict[str, Any]:
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    workspace_id = http.get("/v1/workspace").json()["id"]
+    calls = [
+        http.post(
+            "/v1/calls", json={"to_number": "+14155550100", "from_number": "+14155550101"}
+        ).json()["id"]
+        for _ in range(args.calls)
+    ]
+    kinds = {"sse", "ws"} if args.kind == "mixed" else {args.kind}
+    streams: list[tuple[str, str]] = []
+    for n in range(args.streams):
+        kind = ("sse", "ws")[n % 2] if args.kind == "mixed" else args.kind
+        streams.append((kind, calls[n % len(calls)]))
+    rss_before = server.memory_info().rss
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for w in range(args.workers):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(Plan(url, key, streams[w :: args.workers]), child))
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    opened = sum(pipe.recv()[1] for pipe in pipes)
+    time.sleep(1.0)  # let the server settle after the connection storm before measuring memory
+    rss_open = server.memory_info().rss
+    metrics_before = http.get("/metrics").text
+    cpu_before = sum(server.cpu_times()[:2])
+    nats_url = orjson.loads((data_dir / "run.json").read_bytes())["nats_url"]
+    sent, achieved = asyncio.run(
+        publish(nats_url, workspace_id, calls, args.rate, args.seconds, kinds)
+    )
+    time.sleep(1.0)  # the last frames in flight
+    cpu_used = sum(server.cpu_times()[:2]) - cpu_before
+    metrics_after = http.get("/metrics").text
+    for pipe in pipes:
+        pipe.send("stop")
+    frames, latencies, client_cpu = 0, [], []
+    for pipe in pipes:
+        _tag, count, sample, cpu = pipe.recv()
+        frames += count
+        latencies += sample
+        client_cpu.append(cpu)
+    for proc in procs:
+        proc.join(30)
+    per_call_streams = args.streams / args.calls
+    expected = int(sent * per_call_streams)
+    dropped = metric(metrics_after, "switchboard_frames_dropped_total") - metric(
+        metrics_before, "switchboard_frames_dropped_total"
+    )
+    return {
+        "streams": opened,
+        "kind": args.kind,
+        "calls": args.calls,
+        "rate_per_call": args.rate,
+        "seconds": args.seconds,
+        "published": sent,
+        "publish_rate_achieved": round(achieved, 1),
+        "frames_expected": expected,
+        "frames_delivered": frames,
+        "frames_dropped_server": int(dropped),
+        "latency_ms_p50": round(percentile(latencies, 0.50) * 1000, 2),
+        "latency_ms_p95": round(percentile(latencies, 0.95) * 1000, 2),
+        "latency_ms_p99": round(percentile(latencies, 0.99) * 1000, 2),
+        "server_cpu_seconds": round(cpu_used, 2),
+        "server_rss_mib_open": round(rss_open / 2**20, 1),
+        "rss_kib_per_stream": round((rss_open - rss_before) / 1024 / max(1, opened), 1),
+        # CPU each client worker used while events flowed, as a share of one core: well under
+        # 1.0 means the load generator kept up and the figures are the server's.
+        "client_worker_core_share": [round(c / (args.seconds + 1.0), 2) for c in client_cpu],
+        "machine": machine(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=10.0, help="events per call per second")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--kind", choices=["sse", "ws", "mixed"], default="mixed")
+    parser.add_argument("--workers", type=int, default=2, help="client processes")
+    args = parser.parse_args()
+    result = run(args)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()
