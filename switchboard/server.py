@@ -116,7 +116,7 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
         raise
     authenticator = Authenticator(database, cache_ttl=settings.key_cache_ttl)
     metrics = Metrics()
-    registry = StreamRegistry(metrics)
+    registry = StreamRegistry(metrics, settings.heartbeat_interval)
     authenticator.on_forget(registry.end_for_key)
 
     async def forget(key_id: str) -> None:
@@ -124,10 +124,14 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
 
     await bus.on_key_revoked(forget)
     hub = Hub(bus.client, metrics)
-    return Services(settings, database, bus, authenticator, metrics, hub, registry)
+    services = Services(settings, database, bus, authenticator, metrics, hub, registry)
+    services.background.append(asyncio.create_task(registry.run_ticker()))
+    return services
 
 
 async def close_services(services: Services) -> None:
+    for task in services.background:
+        task.cancel()
     with contextlib.suppress(Exception):
         await services.bus.close()
     await services.database.close()

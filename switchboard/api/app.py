@@ -15,7 +15,12 @@ from starlette.types import ASGIApp
 
 from switchboard import __version__
 from switchboard.api.deps import Services
-from switchboard.api.middleware import Authentication, RequestContext, WriteDeadline
+from switchboard.api.middleware import (
+    Authentication,
+    RequestContext,
+    StreamDispatch,
+    WriteDeadline,
+)
 from switchboard.api.models import ErrorBody
 from switchboard.api.responses import error_headers
 from switchboard.api.routes import (
@@ -176,7 +181,8 @@ def create_app(services: Services) -> ASGIApp:
     for module in (workspace, keys, agents, calls, conversations, messages, streams):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(health.router)
-    app.router.routes.extend(streams.stream_routes(services))
+    stream_routes = streams.stream_routes(services)
+    app.router.routes.extend(stream_routes)
     install_error_handlers(app)
 
     def openapi() -> dict[str, Any]:
@@ -209,7 +215,9 @@ def create_app(services: Services) -> ASGIApp:
 
     return RequestContext(
         WriteDeadline(
-            Authentication(app, services.authenticator, services.metrics),
+            Authentication(
+                StreamDispatch(app, list(stream_routes)), services.authenticator, services.metrics
+            ),
             services.settings.write_deadline,
         )
     )

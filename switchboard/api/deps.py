@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -25,6 +26,7 @@ class Services:
     metrics: Metrics
     hub: Hub
     registry: StreamRegistry
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 def get_services(request: Request) -> Services:

@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from switchboard.api.responses import send_error
@@ -192,3 +193,24 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+class StreamDispatch:
+    """Sends the three stream paths straight to their handlers, past the framework's middleware
+    (error pages, exception mapping, body limits), which a long-lived stream does not use and
+    which would wrap every frame it writes in several more calls. The routes stay registered in
+    the framework's router too, so they are listed and documented like every other route."""
+
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.stream_routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and is_stream_path(scope["path"]):
+            for route in self.stream_routes:
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child_scope)
+                    await route.handle(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)

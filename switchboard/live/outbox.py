@@ -27,6 +27,10 @@ class Outbox:
         self._ready = asyncio.Event()
         self._on_drop = on_drop
         self.aborted = False
+        # Loop time of the last write to the client, kept by its writer; the registry's ticker
+        # reads it to decide when an idle SSE stream is owed a heartbeat.
+        self.last_write = 0.0
+        self.heartbeat_due = False
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -46,6 +50,10 @@ class Outbox:
         self._frames.append(frame)
         self._ready.set()
         return True
+
+    def request_heartbeat(self) -> None:
+        self.heartbeat_due = True
+        self._ready.set()
 
     def push_priority(self, frame: Frame) -> None:
         """A reply to this client's own command: ahead of the stream, outside the bound."""
@@ -83,9 +91,12 @@ class Outbox:
         return batch
 
     async def next(self, wait: float | None) -> Item | None:
-        """The next frame, then the terminal; None if nothing came within `wait` seconds or the
-        outbox was aborted."""
+        """The next frame, then the terminal. None when a heartbeat is due, nothing came within
+        `wait` seconds (if given), or the outbox was aborted."""
         while not self.aborted:
+            if self.heartbeat_due:
+                self.heartbeat_due = False
+                return None
             if self._priority:
                 return self._priority.popleft()
             if self._frames:
@@ -93,6 +104,10 @@ class Outbox:
             if self._terminal is not None:
                 return self._terminal
             self._ready.clear()
+            if wait is None:
+                # The common case: no timer per wait (heartbeats come from one shared ticker).
+                await self._ready.wait()
+                continue
             try:
                 async with asyncio.timeout(wait):
                     await self._ready.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -20,15 +19,11 @@ from switchboard.events import (
     conversation_events_subject,
 )
 from switchboard.ids import is_id
-from switchboard.live.frames import SSE_HEADERS, SSE_HEARTBEAT, Ending, Terminal, sse_retry
+from switchboard.live.frames import SSE_HEADERS, SSE_HEARTBEAT, Terminal, sse_retry
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
 
 BATCH = 64  # frames joined into one write when a client has fallen behind
-
-
-def time_left(principal: Principal) -> float | None:
-    return None if principal.expires_at is None else principal.expires_at - time.time()
 
 
 async def _watch_disconnect(receive: Receive, outbox: Outbox) -> None:
@@ -47,27 +42,24 @@ async def pump_sse(
     receive: Receive,
     send: Send,
 ) -> None:
-    """Writes the response: headers, retry hint, frames, heartbeats, one terminal frame."""
+    """Writes the response: headers, retry hint, frames, heartbeats, one terminal frame. The
+    registry's ticker asks for heartbeats and ends expired tokens; this loop only writes."""
     metrics = services.metrics
-    heartbeat = services.settings.heartbeat_interval
+    clock = asyncio.get_running_loop().time
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     await send({"type": "http.response.body", "body": sse_retry(), "more_body": True})
     listener = asyncio.create_task(_watch_disconnect(receive, outbox))
+    services.registry.add(
+        outbox, kind, principal.key_id, expires_at=principal.expires_at, heartbeats=True
+    )
     try:
         while True:
-            remaining = time_left(principal)
-            if remaining is not None and remaining <= 0:
-                outbox.end_now(Terminal(Ending.TOKEN_EXPIRED))
-            wait = heartbeat if remaining is None else max(0.0, min(heartbeat, remaining))
-            item = await outbox.next(wait)
+            item = await outbox.next(None)
             if outbox.aborted:
                 return
             if item is None:
-                if remaining is None or remaining > heartbeat:
-                    await send(
-                        {"type": "http.response.body", "body": SSE_HEARTBEAT, "more_body": True}
-                    )
-                    metrics.heartbeats[kind] += 1
+                await send({"type": "http.response.body", "body": SSE_HEARTBEAT, "more_body": True})
+                metrics.heartbeats[kind] += 1
                 continue
             if isinstance(item, Terminal):
                 await send({"type": "http.response.body", "body": item.sse(), "more_body": False})
@@ -75,8 +67,10 @@ async def pump_sse(
             batch = [item, *outbox.take_ready(BATCH - 1)]
             body = b"".join(f if isinstance(f, bytes) else f.encode() for f in batch)
             await send({"type": "http.response.body", "body": body, "more_body": True})
+            outbox.last_write = clock()
             metrics.frames_sent[kind] += len(batch)
     finally:
+        services.registry.remove(outbox)
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listener
@@ -120,11 +114,7 @@ class TranscriptStream:
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
                 return
-            services.registry.add(outbox, self.kind, principal.key_id)
-            try:
-                await pump_sse(services, self.kind, principal, outbox, receive, send)
-            finally:
-                services.registry.remove(outbox)
+            await pump_sse(services, self.kind, principal, outbox, receive, send)
         finally:
             for subject, view in watches:
                 await services.hub.unwatch(subject, view, outbox)
@@ -161,11 +151,7 @@ class ConversationStream:
             if not await services.database.conversation_exists(ws, conversation_id):
                 await send_error(scope, send, not_found("conversation", conversation_id))
                 return
-            services.registry.add(outbox, self.kind, principal.key_id)
-            try:
-                await pump_sse(services, self.kind, principal, outbox, receive, send)
-            finally:
-                services.registry.remove(outbox)
+            await pump_sse(services, self.kind, principal, outbox, receive, send)
         finally:
             await services.hub.unwatch(subject, View.CONVERSATION, outbox)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
 import orjson
 from nats.errors import NoRespondersError
@@ -74,7 +73,9 @@ class CallEventSocket:
                     {"type": "websocket.close", "code": 1000, "reason": "call already ended"}
                 )
                 return
-            services.registry.add(outbox, self.kind, principal.key_id)
+            services.registry.add(
+                outbox, self.kind, principal.key_id, expires_at=principal.expires_at
+            )
             try:
                 await self._session(principal, call_id, outbox, receive, send)
             finally:
@@ -139,10 +140,7 @@ class CallEventSocket:
     ) -> None:
         metrics = self.services.metrics
         while True:
-            remaining = None if principal.expires_at is None else principal.expires_at - time.time()
-            if remaining is not None and remaining <= 0:
-                outbox.end_now(Terminal(Ending.TOKEN_EXPIRED))
-            item = await outbox.next(remaining if remaining is None else max(0.0, remaining))
+            item = await outbox.next(None)
             if outbox.aborted:
                 return
             if item is None:
