@@ -320,6 +320,9 @@ class EmbeddedNats:
     root: Path
     process: ChildProcess | None = None
     client_url: str = ""
+    # -1 lets the server pick a free port; after a start it is the port in use, so a restart of
+    # the same object comes back where its clients will look for it.
+    port: int = -1
 
     @property
     def log_path(self) -> Path:
@@ -338,7 +341,7 @@ class EmbeddedNats:
             config,
             "\n".join(
                 [
-                    "listen: 127.0.0.1:-1",
+                    f"listen: 127.0.0.1:{self.port}",
                     "server_name: switchboard-embedded",
                     f"jetstream {{ store_dir: {json.dumps(str(self.root / 'jetstream'))} }}",
                     f"authorization {{ token: {json.dumps(token)} }}",
@@ -357,6 +360,7 @@ class EmbeddedNats:
             except (OSError, ValueError):
                 return False
             address = str(ports["nats"][0]).removeprefix("nats://")
+            self.port = int(address.rsplit(":", 1)[1])
             self.client_url = f"nats://{quote(token, safe='')}@{address}"
             return True
 

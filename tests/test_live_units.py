@@ -1,0 +1,116 @@
+"""Pure cores of the streams, without sockets: outbox bounds, the ticker, frames, commands."""
+
+from __future__ import annotations
+
+import orjson
+
+from switchboard.live.frames import (
+    CommandError,
+    Ending,
+    SendDtmf,
+    Terminal,
+    command_result,
+    parse_command,
+    sse_data,
+)
+from switchboard.live.hub import View, encode
+from switchboard.live.metrics import Metrics
+from switchboard.live.outbox import Outbox
+from switchboard.live.registry import StreamRegistry
+
+
+async def test_outbox_drops_the_newest_when_full_and_keeps_terminal_and_replies() -> None:
+    drops: list[int] = []
+    box = Outbox(3, on_drop=lambda: drops.append(1))
+    assert [box.offer(b"%d" % n) for n in range(5)] == [True, True, True, False, False]
+    assert box.dropped == 2 and len(drops) == 2 and len(box) == 3
+    box.push_priority("reply")
+    box.end(Terminal(Ending.CALL_COMPLETED))
+    assert not box.offer(b"late")
+    items = [await box.next(None) for _ in range(5)]
+    assert items == ["reply", b"0", b"1", b"2", Terminal(Ending.CALL_COMPLETED)]
+
+
+async def test_end_now_skips_queued_frames_and_wins_over_a_gentle_end() -> None:
+    box = Outbox(8)
+    box.offer(b"a")
+    box.end(Terminal(Ending.CALL_COMPLETED))
+    box.end_now(Terminal(Ending.REVOKED))
+    assert await box.next(None) == Terminal(Ending.REVOKED)
+
+
+async def test_ticker_asks_idle_sse_streams_for_heartbeats_and_ends_expired_tokens() -> None:
+    registry = StreamRegistry(Metrics(), heartbeat_interval=30)
+    sse, ws, token = Outbox(4), Outbox(4), Outbox(4)
+    registry.add(sse, "transcript_sse", "key_a", heartbeats=True)
+    registry.add(ws, "call_websocket", "key_a")
+    registry.add(token, "transcript_sse", "key_b", expires_at=1000.0, heartbeats=True)
+    start = sse.last_write
+    registry.tick(start + 10, 999.0)
+    assert not sse.heartbeat_due and token.terminal is None
+    registry.tick(start + 31, 1000.5)
+    assert sse.heartbeat_due and not ws.heartbeat_due
+    assert token.terminal == Terminal(Ending.TOKEN_EXPIRED)
+    assert await sse.next(None) is None  # the writer's cue to write `: keep-alive`
+    assert registry.end_for_key("key_a") == 2
+    assert ws.terminal == Terminal(Ending.REVOKED)
+    for box in (sse, ws, token):
+        registry.remove(box)
+    assert registry.metrics.open_streams["transcript_sse"] == 0
+
+
+def test_terminals_speak_each_transport() -> None:
+    assert (
+        Terminal(Ending.CALL_COMPLETED).sse()
+        == b'event: end\ndata: {"reason":"call_completed"}\n\n'
+    )
+    error = Terminal(Ending.DRAINING).sse()
+    assert error.startswith(b"event: error\ndata: ") and b'"UNAVAILABLE"' in error
+    assert [Terminal(e).websocket_close()[0] for e in Ending] == [
+        1000,
+        1008,
+        1008,
+        1012,
+        1011,
+        1003,
+    ]
+    assert sse_data(7, b'{"a":1}') == b'id: 7\ndata: {"a":1}\n\n'
+
+
+def test_views_encode_once_per_kind() -> None:
+    turn = {"role": "user", "text": "hi", "is_final": True, "turn_id": "trn_1", "ts": "t", "x": 1}
+    [frame] = encode(View.TRANSCRIPT, turn, 5)
+    assert frame == sse_data(
+        5, orjson.dumps({k: turn[k] for k in ("role", "text", "is_final", "turn_id", "ts")})
+    )
+    assert encode(View.TRANSCRIPT, {"role": "user"}, 6) == []
+    completed = {"event_type": "call.completed", "payload": {}}
+    assert encode(View.TRANSCRIPT_END, completed, 1) == [Terminal(Ending.CALL_COMPLETED)]
+    assert encode(View.TRANSCRIPT_END, {"event_type": "call.barge_in"}, 1) == []
+    text, end = encode(View.CALL_EVENTS, completed, 1)
+    assert isinstance(text, str) and end == Terminal(Ending.CALL_COMPLETED)
+
+
+def test_command_parser_never_raises() -> None:
+    assert parse_command('{"action":"send_dtmf","digits":"12#*AD","request_id":"r1"}') == SendDtmf(
+        "12#*AD", "r1"
+    )
+    for text, request_id in (
+        ("", None),
+        ("[1]", None),
+        ('{"action":"send_dtmf","digits":"1"}', None),
+        ('{"action":"send_dtmf","digits":"","request_id":"r"}', "r"),
+        ('{"action":"send_dtmf","digits":"' + "1" * 33 + '","request_id":"r"}', "r"),
+        ('{"action":"send_dtmf","digits":"E","request_id":"r"}', "r"),
+        ('{"action":"hangup","request_id":"r"}', "r"),
+        ('{"action":"send_dtmf","digits":1,"request_id":"r"}', "r"),
+    ):
+        result = parse_command(text)
+        assert isinstance(result, CommandError) and result.request_id == request_id, text
+    assert orjson.loads(command_result("r", False, "UNAVAILABLE", "no")) == {
+        "event_type": "command.result",
+        "request_id": "r",
+        "ok": False,
+        "error_code": "UNAVAILABLE",
+        "message": "no",
+    }
