@@ -88,8 +88,9 @@ async def _ws_client(
         opened[0] += 1
         ready.set()
         async for text in socket:
-            envelope = orjson.loads(text)
-            _record(stats, time.time() - envelope["payload"]["sent_at"])
+            sent = orjson.loads(text)["payload"].get("sent_at")
+            if sent is not None:  # not the replayed history (call.initiated)
+                _record(stats, time.time() - sent)
 
 
 def _record(stats: dict[str, Any], latency: float) -> None:
@@ -268,6 +269,9 @@ def _measure(
         proc.start()
         pipes.append(parent)
         procs.append(proc)
+    for pipe in pipes:
+        if not pipe.poll(300):
+            raise RuntimeError("a client worker did not open its streams (see its traceback)")
     opened = sum(pipe.recv()[1] for pipe in pipes)
     time.sleep(1.0)  # let the server settle after the connection storm before measuring memory
     rss_open = server.memory_info().rss

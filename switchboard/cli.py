@@ -44,8 +44,13 @@ def main() -> None:
     help="Where the embedded Postgres and NATS keep their data (default ./.switchboard).",
 )
 @click.option("--log-format", type=click.Choice(["console", "json"]), default=None)
+@click.option("--demo", is_flag=True, help="Also run a simulator: a steady trickle of live calls.")
 def serve(
-    host: str | None, port: int | None, data_dir: Path | None, log_format: str | None
+    host: str | None,
+    port: int | None,
+    data_dir: Path | None,
+    log_format: str | None,
+    demo: bool,
 ) -> None:
     """Start the gateway. Without SWITCHBOARD_DATABASE_URL / SWITCHBOARD_NATS_URL it starts an
     embedded Postgres and NATS under --data-dir, and stops them when it stops."""
@@ -55,7 +60,7 @@ def serve(
     settings = _settings(host=host, port=port, data_dir=data_dir, log_format=log_format)
     configure_logging(settings.log_format, settings.log_level)
     try:
-        run_serve(settings)
+        run_serve(settings, demo=demo)
     except EmbeddedError as failure:
         raise click.ClickException(str(failure)) from None
     except OSError as failure:
@@ -231,3 +236,62 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
         click.echo(f"no key {key_id}", err=True)
         sys.exit(1)
     click.echo(f"revoked {key_id}")
+
+
+@main.command()
+@click.option(
+    "--workspace",
+    "workspace_id",
+    default=None,
+    help="ws_... to simulate in (default: the first workspace).",
+)
+@click.option("--calls", type=click.IntRange(0, 10_000), default=3, help="Concurrent calls.")
+@click.option("--conversations", type=click.IntRange(0, 10_000), default=2)
+@click.option("--seed", type=int, default=None, help="Makes a run repeatable.")
+@click.option(
+    "--pace",
+    type=click.FloatRange(0.001, 100),
+    default=1.0,
+    help="Multiplies every delay (0.1 plays ten times faster).",
+)
+@click.option("--forever", is_flag=True, help="Keep starting new calls until Ctrl-C.")
+@data_dir_option
+def simulate(
+    workspace_id: str | None,
+    calls: int,
+    conversations: int,
+    seed: int | None,
+    pace: float,
+    forever: bool,
+    data_dir: Path | None,
+) -> None:
+    """Simulate calls and conversations on the bus, and play the media plane (calls placed with
+    POST /v1/calls, DTMF, hang-ups) for the workspace."""
+    import nats
+
+    from switchboard.server import first_workspace
+    from switchboard.simulate import SimulationPlan, Simulator
+
+    async def go(database_url: str, nats_url: str) -> None:
+        target = workspace_id or await first_workspace(database_url)
+        if target is None:
+            raise click.ClickException("no workspace yet: run `switchboard serve` once first")
+        client = await nats.connect(nats_url, name="switchboard-simulate")
+        simulator = Simulator(
+            client, SimulationPlan(target, calls, conversations, seed, pace, forever)
+        )
+        try:
+            await simulator.start()
+            click.echo(f"simulating in {target}: {calls} calls, {conversations} conversations")
+            await simulator.wait()
+        finally:
+            await simulator.stop()
+            await client.close()
+
+    settings = _settings(data_dir=data_dir)
+    with _backends(settings) as (database_url, nats_url):
+        if not nats_url:
+            raise click.ClickException(
+                "no NATS to publish to: start `switchboard serve` or set SWITCHBOARD_NATS_URL"
+            )
+        _run(go(database_url, nats_url))

@@ -30,6 +30,8 @@ from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
 from switchboard.live.hub import Hub
 from switchboard.live.metrics import Metrics
 from switchboard.live.registry import StreamRegistry
+from switchboard.recorder.consumer import Recorder
+from switchboard.simulate import SimulationPlan, Simulator
 from switchboard.workspaces import create_workspace
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,9 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
 
 
 async def close_services(services: Services) -> None:
+    for stop in reversed(services.stoppers):
+        with contextlib.suppress(Exception):
+            await stop()
     for task in services.background:
         task.cancel()
     with contextlib.suppress(Exception):
@@ -157,6 +162,18 @@ def draining(services: Services) -> Callable[[], Awaitable[None]]:
         await services.registry.drain(grace=services.settings.shutdown_grace)
 
     return drain
+
+
+async def first_workspace(database_url: str) -> str | None:
+    """The workspace `serve --demo` simulates in: the first one made (the bootstrap's)."""
+    import asyncpg
+
+    owner = await asyncpg.connect(database_url)
+    try:
+        found = await owner.fetchval("SELECT id FROM workspaces ORDER BY seq LIMIT 1")
+    finally:
+        await owner.close()
+    return None if found is None else str(found)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -251,6 +268,7 @@ async def run_server(
     settings: Settings,
     backends: Backends,
     *,
+    demo: bool = False,
     announce: Callable[[str], None] = print,
 ) -> None:
     services = await open_services(settings, backends.database_url, backends.nats_url)
@@ -260,6 +278,14 @@ async def run_server(
             if backends.embedded
             else None
         )
+        demo_workspace = await first_workspace(backends.database_url) if demo else None
+        recorder = Recorder(services.database, services.bus)
+        await recorder.start()
+        services.stoppers.append(recorder.stop)
+        if demo_workspace is not None:
+            simulator = Simulator(services.bus.client, SimulationPlan.demo(demo_workspace))
+            await simulator.start()
+            services.stoppers.append(simulator.stop)
         sock = bind_socket(settings.host, settings.port)
         host, port = sock.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
@@ -283,13 +309,13 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, *, demo: bool = False) -> None:
     # Until the event loop takes over the signals, SIGTERM unwinds like Ctrl-C does, so the
     # `finally` below still stops whatever has been started.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     backends = start_backends(settings)
     try:
-        run(run_server(settings, backends))
+        run(run_server(settings, backends, demo=demo))
     finally:
         backends.stop()
         log.info("stopped")

@@ -41,9 +41,19 @@ class Serve:
         return psutil.Process(self.process.pid).children(recursive=True)
 
 
-def start_serve(data_dir: Path, timeout: float = 60) -> Serve:
+def start_serve(data_dir: Path, *extra: str, timeout: float = 60) -> Serve:
     process = subprocess.Popen(
-        [sys.executable, "-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "switchboard",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -198,5 +208,20 @@ def test_admin_cli_with_and_without_a_running_server(data_dir: Path) -> None:
             ).returncode
             == 1
         )
+    finally:
+        stop_and_assert_nothing_left(serve, signal.SIGTERM)
+
+
+def test_demo_mode_streams_live_calls_right_after_install(data_dir: Path) -> None:
+    serve = start_serve(data_dir, "--demo")
+    try:
+        headers = {"Authorization": f"Bearer {serve.api_key}"}
+        deadline = time.monotonic() + 30
+        calls: list[dict[str, object]] = []
+        while not calls:
+            assert time.monotonic() < deadline, "the demo produced no call"
+            calls = httpx.get(f"{serve.url}/v1/calls", headers=headers, timeout=10).json()["calls"]
+            time.sleep(0.2)  # polling a REST list: there is no event to wait on from outside
+        assert calls[0]["direction"] == "inbound"
     finally:
         stop_and_assert_nothing_left(serve, signal.SIGTERM)

@@ -172,6 +172,7 @@ async def test_revoking_a_key_ends_its_streams_on_every_replica_within_a_second(
             key_events, token_events = sse_events(by_key), sse_events(by_token)
             await next_event(key_events)
             await next_event(token_events)
+            assert orjson.loads(await socket_by_key.recv())["event_type"] == "call.initiated"
             started = time.monotonic()
             revoked = await client.delete(
                 f"{first.url}/v1/keys/{key_id}", headers=workspace.headers
@@ -209,6 +210,7 @@ async def test_drain_on_shutdown_tells_every_stream_to_reconnect(
         ):
             events = sse_events(response)
             await next_event(events)
+            assert orjson.loads(await peer.recv())["event_type"] == "call.initiated"
             started = time.monotonic()
             stopping = asyncio.get_running_loop().run_in_executor(None, server.stop)
             ending = await next_event(events)

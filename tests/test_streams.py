@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -302,6 +302,11 @@ async def test_websocket_envelopes_dtmf_and_close_codes(
         ws_connect(ws_url(server, call_id), additional_headers=workspace.headers) as sender,
         ws_connect(ws_url(server, call_id), additional_headers=workspace.headers) as watcher,
     ):
+        # Both first get the call's history: here, the call.initiated the API published
+        # before either socket could have found the call.
+        for peer in (sender, watcher):
+            first = orjson.loads(await asyncio.wait_for(peer.recv(), WAIT))
+            assert first["event_type"] == "call.initiated" and first["call_id"] == call_id
         # No media plane answers yet: a prompt UNAVAILABLE, never a hang.
         await sender.send(
             orjson.dumps({"action": "send_dtmf", "digits": "1", "request_id": "r0"}).decode()
@@ -377,6 +382,7 @@ async def test_websocket_binary_and_oversized_messages_close_with_their_codes(
         async with ws_connect(
             ws_url(server, call_id), additional_headers=workspace.headers, max_size=None
         ) as peer:
+            assert orjson.loads(await peer.recv())["event_type"] == "call.initiated"
             await peer.send(payload)
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(peer.recv(), WAIT)
@@ -409,9 +415,39 @@ def test_websocket_peer_that_never_answers_pings_is_closed(
         # Read (never answering the pings) until the server gives up on us.
         while chunk := raw.recv(4096):
             received += chunk
-    frames = received.split(b"\r\n\r\n", 1)[1]
-    assert b"\x89" in frames[:1] or frames.startswith(b"\x89"), "the server pinged first"
-    close_at = frames.find(b"\x88")
-    assert close_at >= 0, "the server sent a close frame"
-    code = int.from_bytes(frames[close_at + 2 : close_at + 4], "big")
-    assert code == 1011
+    frames = list(ws_frames(received.split(b"\r\n\r\n", 1)[1]))
+    opcodes = [opcode for opcode, _ in frames]
+    assert 0x9 in opcodes, "the server pinged"
+    assert opcodes[-1] == 0x8, "the server closed"
+    assert int.from_bytes(frames[-1][1][:2], "big") == 1011
+
+
+def ws_frames(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(opcode, payload) of each unmasked frame a server sent."""
+    at = 0
+    while at + 2 <= len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            length, at = int.from_bytes(data[at : at + 2], "big"), at + 2
+        elif length == 127:
+            length, at = int.from_bytes(data[at : at + 8], "big"), at + 8
+        yield opcode, data[at : at + length]
+        at += length
+
+
+async def test_websocket_to_an_ended_call_replays_its_history_then_closes_1000(
+    client: httpx.AsyncClient, server: ServerThread, workspace: Workspace
+) -> None:
+    call_id = await new_call(client, workspace)
+    assert (
+        await client.delete(f"/v1/calls/{call_id}", headers=workspace.headers)
+    ).status_code == 200
+    async with ws_connect(ws_url(server, call_id), additional_headers=workspace.headers) as peer:
+        history = [
+            orjson.loads(await asyncio.wait_for(peer.recv(), WAIT))["event_type"] for _ in range(2)
+        ]
+        assert history == ["call.initiated", "call.completed"]
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(peer.recv(), WAIT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000

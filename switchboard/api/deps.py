@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -27,6 +28,8 @@ class Services:
     hub: Hub
     registry: StreamRegistry
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    # Components started after the services (recorder, simulator), stopped first, newest first.
+    stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 def get_services(request: Request) -> Services:

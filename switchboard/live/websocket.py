@@ -11,13 +11,14 @@ import logging
 import orjson
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NotFoundError
 from starlette.types import Receive, Scope, Send
 
 from switchboard.api.deps import Services
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
 from switchboard.errors import ApiError, not_found
-from switchboard.events import call_control_subject, call_events_subject
+from switchboard.events import EVENTS_STREAM, call_control_subject, call_events_subject
 from switchboard.ids import is_id
 from switchboard.live.frames import (
     CommandError,
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 5.0  # seconds the media plane has to answer a command
 MAX_COMMANDS_IN_FLIGHT = 8
+MAX_REPLAY = 1000  # events replayed to a new socket; a call has far fewer
 
 
 class CallEventSocket:
@@ -68,29 +70,63 @@ class CallEventSocket:
                 await send_error(scope, send, not_found("call", call_id))
                 return
             await send({"type": "websocket.accept"})
-            if status != "in_progress":
-                await send(
-                    {"type": "websocket.close", "code": 1000, "reason": "call already ended"}
-                )
+            replayed, completed = await self._replay(principal, subject, send)
+            if completed or status != "in_progress":
+                await send({"type": "websocket.close", "code": 1000, "reason": "call ended"})
                 return
             services.registry.add(
                 outbox, self.kind, principal.key_id, expires_at=principal.expires_at
             )
             try:
-                await self._session(principal, call_id, outbox, receive, send)
+                await self._session(principal, call_id, outbox, receive, send, replayed)
             finally:
                 services.registry.remove(outbox)
         finally:
             await services.hub.unwatch(subject, View.CALL_EVENTS, outbox)
 
+    async def _replay(
+        self, principal: Principal, subject: str, send: Send
+    ) -> tuple[set[str], bool]:
+        """Sends the call's events so far, from JetStream, so a client that connects mid-call
+        (or after `call.initiated`, which is always before the call can be found) still sees
+        every event from the first. Returns the replayed event ids (live copies of them are
+        skipped) and whether the call's completion was among them."""
+        js = self.services.bus.js
+        replayed: set[str] = set()
+        completed = False
+        seq = 0
+        try:
+            while len(replayed) < MAX_REPLAY:
+                try:
+                    raw = await js.get_msg(EVENTS_STREAM, seq=seq + 1, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                seq = int(raw.seq or 0)
+                envelope = orjson.loads(raw.data or b"{}")
+                if envelope.get("workspace_id") != principal.workspace_id:
+                    continue
+                await send({"type": "websocket.send", "text": orjson.dumps(envelope).decode()})
+                replayed.add(str(envelope.get("event_id")))
+                completed = completed or envelope.get("event_type") == "call.completed"
+        except Exception:  # the bus is slow or down: carry on with the live events
+            log.warning("could not replay a call's events", exc_info=True)
+        self.services.metrics.frames_sent[self.kind] += len(replayed)
+        return replayed, completed
+
     async def _session(
-        self, principal: Principal, call_id: str, outbox: Outbox, receive: Receive, send: Send
+        self,
+        principal: Principal,
+        call_id: str,
+        outbox: Outbox,
+        receive: Receive,
+        send: Send,
+        replayed: set[str],
     ) -> None:
         # request_id -> set once its command.result is queued; the writer holds back this
         # sender's copy of the matching call.dtmf_sent until then, so the sender always sees
         # its result first (the two travel on different NATS subscriptions).
         answered: dict[str, asyncio.Event] = {}
-        writer = asyncio.create_task(self._write(principal, outbox, send, answered))
+        writer = asyncio.create_task(self._write(outbox, send, answered, replayed))
         commands: set[asyncio.Task[None]] = set()
         try:
             while True:
@@ -133,10 +169,10 @@ class CallEventSocket:
 
     async def _write(
         self,
-        principal: Principal,
         outbox: Outbox,
         send: Send,
         answered: dict[str, asyncio.Event],
+        replayed: set[str],
     ) -> None:
         metrics = self.services.metrics
         while True:
@@ -150,6 +186,11 @@ class CallEventSocket:
                 await send({"type": "websocket.close", "code": code, "reason": reason})
                 return
             text = item if isinstance(item, str) else item.decode()
+            if replayed and text.startswith('{"event_id"'):
+                # Live copies of replayed events arrive first; once a new one comes, stop looking.
+                if orjson.loads(text).get("event_id") in replayed:
+                    continue
+                replayed.clear()
             if answered and '"call.dtmf_sent"' in text:
                 request_id = orjson.loads(text).get("payload", {}).get("request_id")
                 if request_id in answered:

@@ -1,0 +1,112 @@
+"""The producer API, for the media plane and the messaging service: publish transcript turns
+and catalogue events with valid envelopes. Everything is checked against SPEC section 4 before
+it goes on the bus; what does not fit raises EventError with a message that says why.
+
+    producer = Producer(nats_client)
+    await producer.turn(ws, call, role="user", text="Hello", is_final=False, turn_id=t)
+    await producer.event("call.barge_in", workspace_id=ws, call_id=call,
+                         payload={"turn_id": t, "interrupted_text": "I was"})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from nats.aio.client import Client
+
+from switchboard.events import (
+    EventError,
+    call_transcript_subject,
+    check_envelope,
+    is_voice,
+    make_envelope,
+    subject_for,
+)
+from switchboard.ids import iso_ms, new_id, utc_now
+
+ROLES = ("user", "agent")
+PUBLISH_TIMEOUT = 5.0
+
+
+class Producer:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.js = client.jetstream()
+
+    async def event(
+        self,
+        event_type: str,
+        *,
+        workspace_id: str,
+        payload: dict[str, Any],
+        call_id: str | None = None,
+        conversation_id: str | None = None,
+        channel: str | None = None,
+        agent_id: str | None = None,
+        timestamp: str | None = None,
+    ) -> dict[str, Any]:
+        """Builds, checks and stores an envelope in JetStream (deduplicated on its event_id);
+        returns it. Raises EventError for anything outside the catalogue."""
+        if channel is None:
+            channel = "voice" if is_voice(event_type) else None
+        if channel is None:
+            raise EventError(f"{event_type} needs a channel: 'sms' or 'whatsapp'")
+        envelope = make_envelope(
+            event_type,
+            workspace_id=workspace_id,
+            payload=payload,
+            channel=channel,
+            call_id=call_id,
+            conversation_id=conversation_id,
+            agent_id=agent_id,
+            timestamp=timestamp,
+        )
+        await self.publish_envelope(envelope)
+        return envelope
+
+    async def publish_envelope(self, envelope: dict[str, Any]) -> None:
+        """Stores a ready-made envelope after checking it against the catalogue."""
+        check_envelope(envelope)
+        await self.js.publish(
+            subject_for(envelope),
+            orjson.dumps(envelope),
+            timeout=PUBLISH_TIMEOUT,
+            headers={"Nats-Msg-Id": envelope["event_id"]},
+        )
+
+    async def turn(
+        self,
+        workspace_id: str,
+        call_id: str,
+        *,
+        role: str,
+        text: str,
+        is_final: bool,
+        turn_id: str,
+        agent_id: str | None = None,
+    ) -> None:
+        """A transcript turn, partial or final, for the live transcript; a final turn is also
+        recorded as `call.transcription` (durable, for webhooks and the call's record)."""
+        if role not in ROLES:
+            raise EventError(f"role must be one of {', '.join(ROLES)}")
+        if not turn_id or not isinstance(text, str):
+            raise EventError("a turn needs a turn_id and a text")
+        ts = iso_ms(utc_now())
+        turn = {"role": role, "text": text, "is_final": is_final, "turn_id": turn_id, "ts": ts}
+        await self.client.publish(
+            call_transcript_subject(workspace_id, call_id), orjson.dumps(turn)
+        )
+        if is_final:
+            await self.event(
+                "call.transcription",
+                workspace_id=workspace_id,
+                call_id=call_id,
+                agent_id=agent_id,
+                payload={"turn_id": turn_id, "role": role, "text": text},
+                timestamp=ts,
+            )
+
+    @staticmethod
+    def new_turn_id() -> str:
+        return new_id("trn")

@@ -1,0 +1,1 @@
+"""The recorder: events from the bus into the database (calls, turns, conversations, messages)."""
