@@ -146,6 +146,8 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
+        # The server's log goes beside its data, so the report on stdout stays clean JSON.
+        stderr=open(data_dir / "server.log", "w"),  # noqa: SIM115 - lives as long as the server
         text=True,
         env=env,
     )

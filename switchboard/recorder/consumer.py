@@ -79,7 +79,7 @@ class Recorder:
         while True:
             try:
                 messages = await subscription.fetch(BATCH, timeout=1)
-            except (FetchTimeoutError, NatsTimeout):
+            except (FetchTimeoutError, NatsTimeout, TimeoutError):
                 continue  # nothing to record this second
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
