@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from switchboard.bus.durable import NotYet, Unrecordable
 from switchboard.db import Connection
 from switchboard.ids import parse_iso
 
@@ -15,19 +16,10 @@ from switchboard.ids import parse_iso
 MESSAGE_PROGRESS = {"received": 1, "sent": 1, "delivered": 2, "read": 3, "failed": 4}
 
 
-class UnknownWorkspace(Exception):
-    """The event names a workspace that does not exist: it can never be recorded."""
-
-
-class NotYet(Exception):
-    """The event refers to a row that an earlier event will create (replicas may process out
-    of order): retry it later rather than lose it."""
-
-
 async def apply(conn: Connection, envelope: dict[str, Any]) -> bool:
     """Writes the event's effects; False if it had already been processed."""
     if not await conn.fetchval("SELECT 1 FROM workspaces"):
-        raise UnknownWorkspace(envelope["workspace_id"])
+        raise Unrecordable(f"no workspace {envelope['workspace_id']}")
     first = await conn.fetchval(
         """INSERT INTO processed_events (event_id, workspace_id, event_type) VALUES ($1, $2, $3)
            ON CONFLICT (event_id) DO NOTHING RETURNING true""",

@@ -1,0 +1,1 @@
+"""Webhooks, the authoritative path: signing, the retry schedule, the router and the senders."""
