@@ -32,6 +32,8 @@ from switchboard.live.metrics import Metrics
 from switchboard.live.registry import StreamRegistry
 from switchboard.recorder.consumer import Recorder
 from switchboard.simulate import SimulationPlan, Simulator
+from switchboard.webhooks.router import WebhookRouter
+from switchboard.webhooks.sender import Sender
 from switchboard.workspaces import create_workspace
 
 log = logging.getLogger(__name__)
@@ -279,9 +281,15 @@ async def run_server(
             else None
         )
         demo_workspace = await first_workspace(backends.database_url) if demo else None
-        recorder = Recorder(services.database, services.bus)
-        await recorder.start()
-        services.stoppers.append(recorder.stop)
+        for consumer in (
+            Recorder(services.database, services.bus),
+            WebhookRouter(services.database, services.bus),
+        ):
+            await consumer.start()
+            services.stoppers.append(consumer.stop)
+        sender = Sender(services.database, allow_private=settings.webhook_allow_private)
+        await sender.start()
+        services.stoppers.append(sender.stop)
         if demo_workspace is not None:
             simulator = Simulator(services.bus.client, SimulationPlan.demo(demo_workspace))
             await simulator.start()

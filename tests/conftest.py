@@ -59,9 +59,10 @@ def make_server(database_url: str, nats_url: str) -> Iterator[Callable[..., Serv
     servers: list[ServerThread] = []
 
     def make(**overrides: Any) -> ServerThread:
-        settings = Settings(database_url=database_url, nats_url=nats_url).with_overrides(
-            **overrides
-        )
+        # Webhook receivers in tests live on 127.0.0.1, which production refuses.
+        settings = Settings(
+            database_url=database_url, nats_url=nats_url, webhook_allow_private=True
+        ).with_overrides(**overrides)
         server = ServerThread(settings, database_url, nats_url).start()
         servers.append(server)
         return server

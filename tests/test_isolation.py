@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from switchboard.db.database import APP_ROLE, app_role_url
+from switchboard.ids import new_id
 from tests.harness import ServerThread, Workspace, insert_turn
 from tests.routes import fill, routes
 
@@ -22,6 +23,7 @@ TABLES = (
     "conversations",
     "messages",
     "conversation_mode_changes",
+    "webhook_endpoints",
 )
 
 
@@ -60,11 +62,16 @@ async def populate(
     assert mode.status_code == 200
     key = (await client.post("/v1/keys", headers=h, json={"name": "spare"})).json()
     await insert_turn(database_url, owner.id, call["id"], "user", "hi there")
+    hook = (
+        await client.post("/v1/webhooks", headers=h, json={"url": "http://127.0.0.1:9/hook"})
+    ).json()
     return {
         "agent_id": agent["id"],
         "call_id": call["id"],
         "conversation_id": message["conversation_id"],
         "key_id": key["id"],
+        "webhook_id": hook["id"],
+        "delivery_id": new_id("del"),
     }
 
 

@@ -31,6 +31,7 @@ from switchboard.api.routes import (
     keys,
     messages,
     streams,
+    webhooks,
     workspace,
 )
 from switchboard.bus import BusUnavailable
@@ -178,7 +179,7 @@ def create_app(services: Services) -> ASGIApp:
         strict_content_type=False,
     )
     app.state.services = services
-    for module in (workspace, keys, agents, calls, conversations, messages, streams):
+    for module in (workspace, keys, agents, calls, conversations, messages, streams, webhooks):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(health.router)
     stream_routes = streams.stream_routes(services)
