@@ -63,6 +63,7 @@ class Sender:
         clock: Callable[[], datetime] = utc_now,
         rng: random.Random | None = None,
         poll_interval: float = 0.5,
+        attempt_timeout: float = ATTEMPT_TIMEOUT,
     ) -> None:
         self.database = database
         self.allow_private = allow_private
@@ -71,7 +72,8 @@ class Sender:
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not a secret
         self.poll_interval = poll_interval
-        self.http = httpx.AsyncClient(follow_redirects=False, timeout=ATTEMPT_TIMEOUT)
+        self.attempt_timeout = attempt_timeout
+        self.http = httpx.AsyncClient(follow_redirects=False, timeout=attempt_timeout)
         self._in_flight: dict[str, int] = {}  # endpoint_id -> attempts running
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
@@ -170,7 +172,8 @@ class Sender:
         except UnsafeUrl as unsafe:
             return AttemptOutcome(False, None, 0.0, f"refused: {unsafe}", None)
         except httpx.TimeoutException:
-            return AttemptOutcome(False, None, _ms(started), "timed out after 10 s", None)
+            message = f"no answer within {self.attempt_timeout:g} s"
+            return AttemptOutcome(False, None, _ms(started), message, None)
         except httpx.HTTPError as failure:
             return AttemptOutcome(False, None, _ms(started), f"{type(failure).__name__}", None)
         return AttemptOutcome(200 <= status < 300, status, _ms(started), None, retry_after)
