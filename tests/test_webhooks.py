@@ -467,3 +467,28 @@ async def test_webhook_crud_test_endpoint_and_redeliver(
     assert delivery["status"] == "succeeded" and len(delivery["attempts"]) == 3
     assert (await client.delete(f"/v1/webhooks/{hook['id']}", headers=h)).status_code == 204
     assert (await client.get(f"/v1/webhooks/{hook['id']}", headers=h)).status_code == 404
+
+
+async def test_a_disabled_endpoint_is_not_attempted_until_enabled(
+    client: httpx.AsyncClient,
+    workspace: Workspace,
+    bus: Client,
+    router: WebhookRouter,
+    make_sender: Callable[..., Any],
+    receiver: Receiver,
+) -> None:
+    hook = await create_hook(client, workspace, receiver.url)
+    await publish(bus, workspace, 1)
+    await pending_deliveries(client, workspace, hook["id"], 1)
+    await client.patch(
+        f"/v1/webhooks/{hook['id']}", headers=workspace.headers, json={"enabled": False}
+    )
+    sender = await make_sender()
+    await drain(sender)
+    [delivery] = await pending_deliveries(client, workspace, hook["id"], 1)
+    assert delivery["status"] == "pending" and delivery["attempts"] == [] and not receiver.received
+    await client.patch(
+        f"/v1/webhooks/{hook['id']}", headers=workspace.headers, json={"enabled": True}
+    )
+    await drain(sender)
+    await asyncio.to_thread(receiver.wait_for, 1)

@@ -80,6 +80,7 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, public AS $
             WHERE status = 'pending' AND next_attempt_at <= p_now
               AND (lease_until IS NULL OR lease_until < p_now)
               AND NOT (endpoint_id = ANY (coalesce(p_busy, ARRAY[]::text[])))
+              AND endpoint_id IN (SELECT id FROM public.webhook_endpoints WHERE enabled)
             ORDER BY next_attempt_at
             LIMIT p_limit
             FOR UPDATE SKIP LOCKED)
