@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
+from nats.aio.client import Client
 
 from switchboard.config import Settings
 from switchboard.db.database import prepare_database
@@ -85,6 +87,14 @@ async def workspace(database_url: str) -> Workspace:
 @pytest.fixture
 async def other_workspace(database_url: str) -> Workspace:
     return await new_workspace(database_url, "workspace B")
+
+
+@pytest.fixture
+async def bus(nats_url: str, server: ServerThread) -> AsyncIterator[Client]:
+    """A producer's own NATS connection; the server fixture has made the JetStream stream."""
+    connection = await nats.connect(nats_url)
+    yield connection
+    await connection.close()
 
 
 @pytest.fixture

@@ -194,3 +194,23 @@ async def test_the_application_role_cannot_write_into_another_workspace_or_bypas
     finally:
         await owner.close()
         await app.close()
+
+
+async def test_every_workspace_owned_table_has_row_level_security(database_url: str) -> None:
+    """New tables are covered without editing this test: any table with a workspace_id."""
+    owner = await asyncpg.connect(database_url)
+    try:
+        rows = await owner.fetch(
+            """SELECT c.relname, c.relrowsecurity,
+                      EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid
+                              AND p.polname = 'workspace_isolation') AS has_policy
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = 'public' AND c.relkind = 'r'
+                 AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid
+                             AND a.attname = 'workspace_id' AND NOT a.attisdropped)"""
+        )
+    finally:
+        await owner.close()
+    assert len(rows) >= 11  # and `workspaces` itself, keyed on id, has its own policy
+    for row in rows:
+        assert row["relrowsecurity"] and row["has_policy"], row["relname"]

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import nats
 import orjson
 import pytest
 from nats.aio.client import Client
@@ -30,14 +29,6 @@ from tests.sse import sse_events
 from tests.test_streams import next_event, ws_url
 
 WAIT = 10.0
-
-
-@pytest.fixture
-async def bus(nats_url: str, server: ServerThread) -> AsyncIterator[Client]:
-    """A producer's connection; the server fixture has made the JetStream stream."""
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 async def until(check: Any, within: float = WAIT) -> Any:

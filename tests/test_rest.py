@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import httpx
 import nats
@@ -14,13 +13,6 @@ from nats.aio.client import Client
 from switchboard.events import check_envelope
 from tests.harness import ServerThread, Workspace, insert_turn
 from tests.routes import routes
-
-
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 async def next_event(sub: object, wait: float = 5.0) -> dict[str, object]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import httpx
-import nats
 import orjson
 import pytest
 from nats.aio.client import Client
@@ -22,13 +21,6 @@ from tests.sse import SseEvent, sse_events
 from tests.test_streams import new_call, next_event, turn, ws_url
 
 WAIT = 5.0
-
-
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 async def eventually(check: Callable[[], bool], within: float = WAIT) -> None:

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
-import nats
 import orjson
 import pytest
 from nats.aio.client import Client
@@ -26,13 +25,6 @@ from tests.harness import ServerThread, Workspace
 from tests.sse import SseEvent, sse_events
 
 WAIT = 5.0
-
-
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 async def new_call(client: httpx.AsyncClient, workspace: Workspace, transport: str = "sip") -> str:

@@ -16,7 +16,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-import nats
 import orjson
 import pytest
 from nats.aio.client import Client
@@ -40,13 +39,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@pytest.fixture
-async def bus(nats_url: str, server: ServerThread) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ from starlette.types import Message, Receive, Scope, Send
 from switchboard.api.deps import Services
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
-from switchboard.errors import ApiError, not_found
+from switchboard.errors import not_found
 from switchboard.events import (
     call_events_subject,
     call_transcript_subject,
     conversation_events_subject,
 )
-from switchboard.ids import is_id
+from switchboard.live.endpoint import StreamEndpoint
 from switchboard.live.frames import SSE_HEADERS, SSE_HEARTBEAT, Terminal, sse_retry
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
@@ -76,27 +76,19 @@ async def pump_sse(
             await listener
 
 
-class TranscriptStream:
+class TranscriptStream(StreamEndpoint):
     """`GET /v1/calls/{id}/transcript/stream`."""
 
     kind = "transcript_sse"
 
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = self.services
         principal: Principal = scope["state"]["principal"]
-        call_id = scope["path_params"]["call_id"]
-        if not is_id(call_id, "call"):
-            await send_error(
-                scope,
-                send,
-                ApiError("INVALID_ARGUMENT", "call_id: must be an id of the form call_..."),
-            )
+        call_id = await self.path_id(scope, send, "call_id", "call")
+        if call_id is None:
             return
         ws = principal.workspace_id
-        outbox = Outbox(services.settings.stream_buffer, self._dropped)
+        outbox = Outbox(services.settings.stream_buffer, self.dropped)
         watches = [
             (call_transcript_subject(ws, call_id), View.TRANSCRIPT),
             (call_events_subject(ws, call_id), View.TRANSCRIPT_END),
@@ -119,32 +111,21 @@ class TranscriptStream:
             for subject, view in watches:
                 await services.hub.unwatch(subject, view, outbox)
 
-    def _dropped(self) -> None:
-        self.services.metrics.frames_dropped[self.kind] += 1
 
-
-class ConversationStream:
+class ConversationStream(StreamEndpoint):
     """`GET /v1/conversations/{id}/stream` (Authorization header only; the middleware has
     already refused any ?token=)."""
 
     kind = "conversation_sse"
 
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = self.services
         principal: Principal = scope["state"]["principal"]
-        conversation_id = scope["path_params"]["conversation_id"]
-        if not is_id(conversation_id, "conv"):
-            await send_error(
-                scope,
-                send,
-                ApiError("INVALID_ARGUMENT", "conversation_id: must be an id of the form conv_..."),
-            )
+        conversation_id = await self.path_id(scope, send, "conversation_id", "conv")
+        if conversation_id is None:
             return
         ws = principal.workspace_id
-        outbox = Outbox(services.settings.stream_buffer, self._dropped)
+        outbox = Outbox(services.settings.stream_buffer, self.dropped)
         subject = conversation_events_subject(ws, conversation_id)
         try:
             await services.hub.watch(subject, ws, View.CONVERSATION, outbox)
@@ -154,6 +135,3 @@ class ConversationStream:
             await pump_sse(services, self.kind, principal, outbox, receive, send)
         finally:
             await services.hub.unwatch(subject, View.CONVERSATION, outbox)
-
-    def _dropped(self) -> None:
-        self.services.metrics.frames_dropped[self.kind] += 1

@@ -14,12 +14,11 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 from starlette.types import Receive, Scope, Send
 
-from switchboard.api.deps import Services
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
-from switchboard.errors import ApiError, not_found
+from switchboard.errors import not_found
 from switchboard.events import EVENTS_STREAM, call_control_subject, call_events_subject
-from switchboard.ids import is_id
+from switchboard.live.endpoint import StreamEndpoint
 from switchboard.live.frames import (
     CommandError,
     Ending,
@@ -38,31 +37,23 @@ MAX_COMMANDS_IN_FLIGHT = 8
 MAX_REPLAY = 1000  # events replayed to a new socket; a call has far fewer
 
 
-class CallEventSocket:
+class CallEventSocket(StreamEndpoint):
     """`GET /v1/calls/{id}/stream` (WebSocket)."""
 
     kind = "call_websocket"
 
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = self.services
         principal: Principal = scope["state"]["principal"]
-        call_id = scope["path_params"]["call_id"]
-        if not is_id(call_id, "call"):
-            await send_error(
-                scope,
-                send,
-                ApiError("INVALID_ARGUMENT", "call_id: must be an id of the form call_..."),
-            )
+        call_id = await self.path_id(scope, send, "call_id", "call")
+        if call_id is None:
             return
         connect = await receive()
         if connect["type"] != "websocket.connect":
             return
         ws = principal.workspace_id
         subject = call_events_subject(ws, call_id)
-        outbox = Outbox(services.settings.stream_buffer, self._dropped)
+        outbox = Outbox(services.settings.stream_buffer, self.dropped)
         try:
             await services.hub.watch(subject, ws, View.CALL_EVENTS, outbox)
             status = await services.database.call_status(ws, call_id)
@@ -255,6 +246,3 @@ class CallEventSocket:
         done = answered.pop(command.request_id, None)
         if done is not None:
             done.set()
-
-    def _dropped(self) -> None:
-        self.services.metrics.frames_dropped[self.kind] += 1

@@ -135,21 +135,22 @@ ALTER TABLE workspaces ENABLE ROW LEVEL SECURITY;
 CREATE POLICY workspace_isolation ON workspaces
     USING (id = app_workspace_id()) WITH CHECK (id = app_workspace_id());
 
-DO $$
-DECLARE
-    t text;
+-- Every later workspace-owned table gets the same policy through this one function.
+CREATE FUNCTION enable_workspace_isolation(p_table regclass) RETURNS void
+LANGUAGE plpgsql AS $$
 BEGIN
-    FOREACH t IN ARRAY ARRAY['api_keys', 'agents', 'calls', 'turns', 'conversations',
-                             'messages', 'conversation_mode_changes']
-    LOOP
-        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format(
-            'CREATE POLICY workspace_isolation ON %I '
-            'USING (workspace_id = app_workspace_id()) '
-            'WITH CHECK (workspace_id = app_workspace_id())', t);
-    END LOOP;
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', p_table);
+    EXECUTE format(
+        'CREATE POLICY workspace_isolation ON %s '
+        'USING (workspace_id = app_workspace_id()) '
+        'WITH CHECK (workspace_id = app_workspace_id())', p_table);
 END
 $$;
+REVOKE ALL ON FUNCTION enable_workspace_isolation(regclass) FROM PUBLIC;
+
+SELECT enable_workspace_isolation(t::regclass)
+FROM unnest(ARRAY['api_keys', 'agents', 'calls', 'turns', 'conversations', 'messages',
+                  'conversation_mode_changes']) AS t;
 
 -- Key lookup happens before any workspace is known, so it is the one path around RLS: a
 -- SECURITY DEFINER function that answers only "which live keys start with this prefix".

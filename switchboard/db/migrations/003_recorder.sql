@@ -6,9 +6,7 @@ CREATE TABLE processed_events (
     event_type    text NOT NULL,
     processed_at  timestamptz NOT NULL DEFAULT now()
 );
-ALTER TABLE processed_events ENABLE ROW LEVEL SECURITY;
-CREATE POLICY workspace_isolation ON processed_events
-    USING (workspace_id = app_workspace_id()) WITH CHECK (workspace_id = app_workspace_id());
+SELECT enable_workspace_isolation('processed_events');
 GRANT SELECT, INSERT ON processed_events TO switchboard_app;
 
 -- What the media plane measured at the end of a call (call.quality).

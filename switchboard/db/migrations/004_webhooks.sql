@@ -49,20 +49,8 @@ CREATE TABLE webhook_attempts (
 );
 CREATE INDEX webhook_attempts_delivery ON webhook_attempts (delivery_id, id);
 
-DO $$
-DECLARE
-    t text;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['webhook_endpoints', 'webhook_deliveries', 'webhook_attempts']
-    LOOP
-        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format(
-            'CREATE POLICY workspace_isolation ON %I '
-            'USING (workspace_id = app_workspace_id()) '
-            'WITH CHECK (workspace_id = app_workspace_id())', t);
-    END LOOP;
-END
-$$;
+SELECT enable_workspace_isolation(t::regclass)
+FROM unnest(ARRAY['webhook_endpoints', 'webhook_deliveries', 'webhook_attempts']) AS t;
 GRANT SELECT, INSERT, UPDATE, DELETE ON webhook_endpoints, webhook_deliveries, webhook_attempts
     TO switchboard_app;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO switchboard_app;

@@ -1,0 +1,31 @@
+"""What the three stream endpoints share: their services, their kind for metrics, the drop
+counter of their outboxes, and the check of the id in their path."""
+
+from __future__ import annotations
+
+from starlette.types import Scope, Send
+
+from switchboard.api.deps import Services
+from switchboard.api.responses import send_error
+from switchboard.errors import ApiError
+from switchboard.ids import is_id
+
+
+class StreamEndpoint:
+    kind = ""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def dropped(self) -> None:
+        self.services.metrics.frames_dropped[self.kind] += 1
+
+    async def path_id(self, scope: Scope, send: Send, name: str, prefix: str) -> str | None:
+        """The well-formed id in the path, or None after answering 400. The check also keeps
+        NATS wildcards (`*`, `>`) and dots out of the subjects built from the id."""
+        value = str(scope["path_params"][name])
+        if is_id(value, prefix):
+            return value
+        message = f"{name}: must be an id of the form {prefix}_..."
+        await send_error(scope, send, ApiError("INVALID_ARGUMENT", message))
+        return None
