@@ -349,3 +349,48 @@ async def _completed_call(
 ) -> dict[str, Any] | None:
     call = (await client.get(f"/v1/calls/{call_id}", headers=h)).json()
     return call if call["status"] == "completed" else None
+
+
+async def test_the_simulated_media_plane_answers_dtmf_and_drops_a_hung_up_call(
+    recorder: WorkspaceRecorder,
+    server: ServerThread,
+    workspace: Workspace,
+    bus: Client,
+    client: httpx.AsyncClient,
+) -> None:
+    simulator = Simulator(
+        bus, SimulationPlan(workspace.id, calls=0, conversations=0, seed=9, pace=1.0)
+    )
+    await simulator.start()
+    h = workspace.headers
+    try:
+        placed = await client.post(
+            "/v1/calls",
+            headers=h,
+            json={"to_number": "+14155550189", "from_number": "+14155550000"},
+        )
+        call_id = placed.json()["id"]
+        await until(lambda: asyncio.sleep(0, call_id in simulator.live_calls))
+        async with ws_connect(ws_url(server, call_id), additional_headers=h) as peer:
+            await peer.send(
+                orjson.dumps({"action": "send_dtmf", "digits": "42#", "request_id": "d1"}).decode()
+            )
+            seen: list[dict[str, Any]] = []
+            while not any(e.get("event_type") == "call.dtmf_sent" for e in seen):
+                seen.append(orjson.loads(await asyncio.wait_for(peer.recv(), WAIT)))
+            kinds = [e["event_type"] for e in seen]
+            assert kinds.index("command.result") < kinds.index("call.dtmf_sent")
+            result = next(e for e in seen if e["event_type"] == "command.result")
+            assert result == {"event_type": "command.result", "request_id": "d1", "ok": True}
+            assert (await client.delete(f"/v1/calls/{call_id}", headers=h)).status_code == 200
+            await until(lambda: asyncio.sleep(0, call_id not in simulator.live_calls))
+            tail = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    tail.append(
+                        orjson.loads(await asyncio.wait_for(peer.recv(), WAIT))["event_type"]
+                    )
+            assert tail[-1] == "call.completed" and tail.count("call.completed") == 1
+        assert call_id not in simulator.finished_calls  # it was dropped, not played to its end
+    finally:
+        await simulator.stop()
