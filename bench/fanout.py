@@ -240,10 +240,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         process, url, key = start_server(Path(scratch))
         server = psutil.Process(process.pid)
         try:
-            return _measure(args, url, key, server, Path(scratch))
+            result = _measure(args, url, key, server, Path(scratch))
         finally:
+            stopping = time.monotonic()
             process.terminate()
-            process.wait(30)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        # How long a SIGTERM took to drain the streams and stop everything (the embedded
+        # Postgres and NATS included); "killed" if it took over a minute.
+        waited = time.monotonic() - stopping
+        result["server_shutdown_seconds"] = round(waited, 1) if waited < 60 else "killed"
+        return result
 
 
 def _measure(
