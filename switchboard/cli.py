@@ -295,3 +295,24 @@ def simulate(
                 "no NATS to publish to: start `switchboard serve` or set SWITCHBOARD_NATS_URL"
             )
         _run(go(database_url, nats_url))
+
+
+@main.command("tail")
+@click.argument("stream_id")
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The server.")
+@click.option(
+    "--key", envvar="SWITCHBOARD_API_KEY", required=True, help="API key (or SWITCHBOARD_API_KEY)."
+)
+def tail_command(stream_id: str, url: str, key: str) -> None:
+    """Follow a call's live transcript (call_...) or a conversation (conv_...)."""
+    from switchboard.client import StreamError
+    from switchboard.client.tail import tail
+
+    if not stream_id.startswith(("call_", "conv_")):
+        raise click.BadParameter("must be a call_... or conv_... id", param_hint="STREAM_ID")
+    try:
+        _run(tail(url, key, stream_id))
+    except StreamError as error:
+        raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        pass

@@ -5,8 +5,11 @@ SWITCHBOARD_TEST_DATABASE_URL / SWITCHBOARD_TEST_NATS_URL), and a real Switchboa
 from __future__ import annotations
 
 import asyncio
+import inspect
 import secrets
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +30,20 @@ from switchboard.server import (
 )
 from switchboard.server import uvicorn_config as make_uvicorn_config
 from switchboard.workspaces import create_workspace
+
+
+async def eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
+    """Waits for a condition that can only be observed by asking (state in another thread, a
+    process or the database): polls `check` (sync or async) until it is truthy, or fails."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
 
 
 def with_database(url: str, name: str) -> str:

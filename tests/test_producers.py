@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,28 +17,17 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from switchboard.bus import connect_bus
+from switchboard.client.sse import sse_events
 from switchboard.db import connect_database
 from switchboard.events import EventError, call_events_subject
 from switchboard.producer import Producer
 from switchboard.recorder.consumer import Recorder
 from switchboard.simulate import SimulationPlan, Simulator
 from switchboard.simulate.script import call_script, conversation_script
-from tests.harness import ServerThread, Workspace
-from tests.sse import sse_events
+from tests.harness import ServerThread, Workspace, eventually
 from tests.test_streams import next_event, ws_url
 
 WAIT = 10.0
-
-
-async def until(check: Any, within: float = WAIT) -> Any:
-    """Polls an async check (state in the database or the server) until it is truthy."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 class WorkspaceRecorder:
@@ -166,7 +154,7 @@ async def test_a_simulated_webrtc_run_publishes_no_barge_in(
     await asyncio.wait_for(simulator.wait(), 30)
     await simulator.stop()
     await bus.flush()
-    await until(lambda: asyncio.sleep(0, seen.count("call.completed") == 6))
+    await eventually(lambda: seen.count("call.completed") == 6)
     assert "call.transcription" in seen and "call.barge_in" not in seen
 
 
@@ -202,7 +190,7 @@ async def test_recorder_restarted_mid_call_loses_nothing_and_writes_nothing_twic
         response = await client.get(f"/v1/calls/{call_id}", headers=h)
         return response.json()["turns"] if response.status_code == 200 else []
 
-    await until(lambda: _at_least(turns, 3))
+    await eventually(lambda: _at_least(turns, 3))
     await first.stop()  # the recorder dies mid-call
     for n, turn_id in enumerate(turn_ids[3:], start=3):
         await producer.turn(
@@ -225,7 +213,7 @@ async def test_recorder_restarted_mid_call_loses_nothing_and_writes_nothing_twic
             call = (await client.get(f"/v1/calls/{call_id}", headers=h)).json()
             return call if call["status"] == "completed" and len(call["turns"]) >= 6 else None
 
-        call = await until(done)
+        call = await eventually(done)
         assert [t["id"] for t in call["turns"]] == turn_ids
         assert [t["text"] for t in call["turns"]] == [f"line {n}" for n in range(6)]
         assert call["duration_seconds"] == 12.5 and call["ended_by"] == "user"
@@ -256,9 +244,9 @@ async def test_recorder_writes_conversations_messages_and_mode_history(
         found = (await client.get("/v1/conversations", headers=h)).json()["conversations"]
         return found if len(found) == 2 else []
 
-    found = await until(conversations)
+    found = await eventually(conversations)
     for conversation in found:
-        detail = await until(lambda c=conversation: _messages(client, h, c["id"]))
+        detail = await eventually(lambda c=conversation: _messages(client, h, c["id"]))
         inbound = [m for m in detail if m["direction"] == "inbound"]
         assert inbound and all(m["status"] == "received" for m in inbound)
         assert conversation["channel"] in ("sms", "whatsapp")
@@ -336,7 +324,7 @@ async def test_a_simulated_call_is_consistent_in_rest_sse_and_websocket(
         not t["is_final"] and t["turn_id"] == f["turn_id"] for f in finals for t in sse_turns
     )
     # REST agrees with the WebSocket on every final turn, in order.
-    call = await until(lambda: _completed_call(client, h, call_id))
+    call = await eventually(lambda: _completed_call(client, h, call_id))
     transcribed = [
         e["payload"]["turn_id"] for e in ws_events if e["event_type"] == "call.transcription"
     ]
@@ -370,7 +358,7 @@ async def test_the_simulated_media_plane_answers_dtmf_and_drops_a_hung_up_call(
             json={"to_number": "+14155550189", "from_number": "+14155550000"},
         )
         call_id = placed.json()["id"]
-        await until(lambda: asyncio.sleep(0, call_id in simulator.live_calls))
+        await eventually(lambda: call_id in simulator.live_calls)
         async with ws_connect(ws_url(server, call_id), additional_headers=h) as peer:
             await peer.send(
                 orjson.dumps({"action": "send_dtmf", "digits": "42#", "request_id": "d1"}).decode()
@@ -383,7 +371,7 @@ async def test_the_simulated_media_plane_answers_dtmf_and_drops_a_hung_up_call(
             result = next(e for e in seen if e["event_type"] == "command.result")
             assert result == {"event_type": "command.result", "request_id": "d1", "ok": True}
             assert (await client.delete(f"/v1/calls/{call_id}", headers=h)).status_code == 200
-            await until(lambda: asyncio.sleep(0, call_id not in simulator.live_calls))
+            await eventually(lambda: call_id not in simulator.live_calls)
             tail = []
             with pytest.raises(ConnectionClosed):
                 while True:

@@ -14,21 +14,13 @@ from nats.aio.client import Client
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
+from switchboard.client.sse import SseEvent, sse_events
 from switchboard.events import call_transcript_subject
 from switchboard.live.outbox import Outbox
-from tests.harness import ServerThread, Workspace
-from tests.sse import SseEvent, sse_events
+from tests.harness import ServerThread, Workspace, eventually
 from tests.test_streams import new_call, next_event, turn, ws_url
 
 WAIT = 5.0
-
-
-async def eventually(check: Callable[[], bool], within: float = WAIT) -> None:
-    """Waits for a condition only observable by asking (server state in another thread)."""
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def stalled_reader(server: ServerThread, path: str, key: str) -> socket.socket:

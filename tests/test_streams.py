@@ -14,6 +14,7 @@ from nats.aio.client import Client
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from switchboard.client.sse import SseEvent, sse_events
 from switchboard.events import (
     call_control_subject,
     call_events_subject,
@@ -22,7 +23,6 @@ from switchboard.events import (
 )
 from switchboard.ids import iso_ms, utc_now
 from tests.harness import ServerThread, Workspace
-from tests.sse import SseEvent, sse_events
 
 WAIT = 5.0
 

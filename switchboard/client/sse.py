@@ -1,4 +1,5 @@
-"""A small SSE reader for tests that must see everything on the wire, comments included."""
+"""A small SSE parser over an httpx response: events as SPEC 5 frames them, comments included
+(the client uses them as proof of life; tests check heartbeats with them)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,182 @@
+"""The Python client and `switchboard tail` against a real server, bus and simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from nats.aio.client import Client
+
+from switchboard.client import StreamError, SwitchboardClient
+from switchboard.client.tail import CLEAR_LINE, render_turn
+from switchboard.events import call_transcript_subject
+from switchboard.simulate import SimulationPlan, Simulator
+from tests.harness import ServerThread, Workspace, eventually
+from tests.test_streams import new_call, turn
+
+WAIT = 10.0
+
+
+async def test_transcript_iterator_skips_heartbeats_and_ends_with_the_call(
+    make_server: Callable[..., ServerThread], workspace: Workspace, bus: Client
+) -> None:
+    server = make_server(heartbeat_interval=0.2)
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=10) as http,
+        SwitchboardClient(server.url, workspace.key) as sb,
+    ):
+        call_id = await new_call(http, workspace)
+        received: list[dict[str, Any]] = []
+
+        async def read() -> None:
+            async for item in sb.transcript(call_id):
+                received.append(item)
+
+        reader = asyncio.create_task(read())
+        services = server.services
+        assert services is not None
+        # Heartbeats flow first; none may surface as a turn.
+        await eventually(
+            lambda: server.call(lambda: services.metrics.heartbeats["transcript_sse"]) >= 2
+        )
+        await bus.publish(call_transcript_subject(workspace.id, call_id), turn("Hi", False))
+        await bus.publish(call_transcript_subject(workspace.id, call_id), turn("Hi there", True))
+        await bus.flush()
+        await eventually(lambda: len(received) >= 2)
+        await http.delete(f"/v1/calls/{call_id}", headers=workspace.headers)
+        await asyncio.wait_for(reader, WAIT)
+        assert [(t["text"], t["is_final"]) for t in received] == [("Hi", False), ("Hi there", True)]
+        # An ended call: the iterator ends at once (204), no reconnecting.
+        assert [t async for t in sb.transcript(call_id)] == []
+
+
+async def test_silence_past_the_heartbeat_timeout_reconnects(
+    server: ServerThread, workspace: Workspace, client: httpx.AsyncClient, bus: Client
+) -> None:
+    call_id = await new_call(client, workspace)
+    async with SwitchboardClient(server.url, workspace.key, heartbeat_timeout=0.3) as sb:
+        stream = sb.transcript(call_id)
+        first = asyncio.create_task(anext(stream))
+        # The 30 s heartbeat never comes within 0.3 s: it keeps reconnecting.
+        await eventually(lambda: sb.connections >= 3)
+        await bus.publish(call_transcript_subject(workspace.id, call_id), turn("still here", True))
+        assert (await asyncio.wait_for(first, WAIT))["text"] == "still here"
+        await stream.aclose()
+
+
+async def test_terminal_errors_raise(
+    server: ServerThread,
+    workspace: Workspace,
+    other_workspace: Workspace,
+    client: httpx.AsyncClient,
+) -> None:
+    call_id = await new_call(client, workspace)
+    async with SwitchboardClient(server.url, other_workspace.key) as sb:
+        with pytest.raises(StreamError) as refused:
+            await anext(sb.transcript(call_id))
+        assert refused.value.error_code == "NOT_FOUND"
+        with pytest.raises(StreamError):
+            async with sb.call_events(call_id):
+                pass
+
+
+async def test_call_socket_sends_dtmf_and_yields_events_to_the_end(
+    server: ServerThread, workspace: Workspace, client: httpx.AsyncClient, bus: Client
+) -> None:
+    simulator = Simulator(
+        bus, SimulationPlan(workspace.id, calls=0, conversations=0, seed=4, pace=0.3)
+    )
+    await simulator.start()
+    try:
+        call_id = (
+            await client.post(
+                "/v1/calls",
+                headers=workspace.headers,
+                json={"to_number": "+14155550190", "from_number": "+14155550000"},
+            )
+        ).json()["id"]
+        await eventually(lambda: call_id in simulator.live_calls)
+        async with (
+            SwitchboardClient(server.url, workspace.key) as sb,
+            sb.call_events(call_id) as call,
+        ):
+            kinds: list[str] = []
+
+            async def consume() -> None:
+                async for event in call:
+                    kinds.append(event["event_type"])
+
+            consumer = asyncio.create_task(consume())
+            result = await call.send_dtmf("7*")
+            assert result["ok"] is True
+            await asyncio.wait_for(consumer, 60)
+        assert kinds[0] == "call.initiated" and kinds[-1] == "call.completed"
+        assert ("call.dtmf_sent" in kinds and len(kinds) == len(set(kinds))) or kinds.count(
+            "call.completed"
+        ) == 1
+    finally:
+        await simulator.stop()
+
+
+def test_tail_renders_partials_in_place_on_a_terminal_and_finals_only_in_a_pipe() -> None:
+    partial = {"role": "user", "text": "Hel", "is_final": False}
+    final = {"role": "user", "text": "Hello", "is_final": True}
+    assert render_turn(partial, tty=True) == CLEAR_LINE + " user: Hel"
+    assert render_turn(final, tty=True) == CLEAR_LINE + " user: Hello\n"
+    assert render_turn(partial, tty=False) is None
+    assert render_turn(final, tty=False) == " user: Hello\n"
+
+
+async def test_tail_command_follows_a_call_to_its_end(
+    server: ServerThread, workspace: Workspace, client: httpx.AsyncClient, bus: Client
+) -> None:
+    call_id = await new_call(client, workspace)
+    env = {**os.environ, "SWITCHBOARD_API_KEY": workspace.key}
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "switchboard",
+        "tail",
+        call_id,
+        "--url",
+        server.url,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        subject = call_transcript_subject(workspace.id, call_id)
+        for attempt in range(200):  # until tail has connected (its turns then start arriving)
+            await bus.publish(
+                subject,
+                orjson.dumps(
+                    {
+                        "role": "agent",
+                        "text": f"ping {attempt}",
+                        "is_final": True,
+                        "turn_id": f"trn_{attempt:020d}",
+                        "ts": "t",
+                    }
+                ),
+            )
+            await asyncio.sleep(0.05)
+            if server.call(lambda: len(server.services.registry.streams)) >= 1:  # type: ignore[union-attr]
+                break
+        await bus.publish(subject, turn("Goodbye now", True, role="agent"))
+        await bus.flush()
+        await client.delete(f"/v1/calls/{call_id}", headers=workspace.headers)
+        out, err = await asyncio.wait_for(tail.communicate(), WAIT)
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+    text = out.decode()
+    assert tail.returncode == 0, err.decode()
+    assert "agent: Goodbye now" in text and text.rstrip().endswith("-- call ended")
+    assert workspace.key not in text + err.decode()
