@@ -213,13 +213,19 @@ class EmbeddedPostgres:
         self.port = free_port()
         argv = [
             str(postgres_bin() / "postgres"),
-            "-D", str(self.pgdata),
-            "-c", "listen_addresses=127.0.0.1",
-            "-c", f"port={self.port}",
-            "-c", "unix_socket_directories=",
-            "-c", f"fsync={'on' if self.fsync else 'off'}",
-            "-c", "max_connections=200",
-        ]  # fmt: skip
+            "-D",
+            str(self.pgdata),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"port={self.port}",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            f"fsync={'on' if self.fsync else 'off'}",
+            "-c",
+            "max_connections=200",
+        ]
         # SIGINT is Postgres' "fast shutdown": roll back open transactions and exit cleanly.
         self.process = _spawn("postgres", argv, self.log_path, signal.SIGINT, user)
         _wait_until(self._ready, self.process, timeout, self.log_path)

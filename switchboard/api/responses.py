@@ -27,8 +27,13 @@ async def send_error(scope: Scope, send: Send, error: ApiError) -> None:
     headers = error_headers(error)
     if scope["type"] == "websocket":
         if "websocket.http.response" in scope.get("extensions", {}):
-            await send({"type": "websocket.http.response.start", "status": error.status,
-                        "headers": headers})  # fmt: skip
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": error.status,
+                    "headers": headers,
+                }
+            )
             await send({"type": "websocket.http.response.body", "body": body})
         else:
             await send({"type": "websocket.close", "code": 1008})

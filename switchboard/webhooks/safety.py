@@ -36,9 +36,13 @@ def check_shape(url: str) -> tuple[str, int]:
 def is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     return not (
-        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-        or ip.is_reserved or ip.is_unspecified
-    )  # fmt: skip
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
 
 
 async def check_url(url: str, allow_private: bool) -> None:
