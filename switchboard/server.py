@@ -260,6 +260,7 @@ def banner(url: str, api_key: str | None) -> str:
     return (
         f"\nSwitchboard {__version__} is ready\n"
         f"  URL:        {url}\n"
+        f"  Dashboard:  {url}/\n"
         f"  API docs:   {url}/docs  (OpenAPI at {url}/openapi.json)\n"
         f"{key_line}"
         f'  Try:        curl -H "Authorization: Bearer {example}" {url}/v1/workspace\n'

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
@@ -36,6 +38,13 @@ from switchboard.api.routes import (
 )
 from switchboard.bus import BusUnavailable
 from switchboard.errors import ApiError, error_body
+
+# The dashboard loads only its own files and talks only to this server.
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
@@ -203,6 +212,13 @@ def create_app(services: Services) -> ASGIApp:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    web = Path(__file__).resolve().parent.parent / "web"
+    app.mount("/web", StaticFiles(directory=web), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(web / "index.html", headers=DASHBOARD_HEADERS)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
