@@ -88,15 +88,12 @@ class TranscriptStream(StreamEndpoint):
         if call_id is None:
             return
         ws = principal.workspace_id
-        outbox = Outbox(services.settings.stream_buffer, self.dropped)
+        outbox = self.new_outbox()
         watches = [
             (call_transcript_subject(ws, call_id), View.TRANSCRIPT),
             (call_events_subject(ws, call_id), View.TRANSCRIPT_END),
         ]
-        try:
-            # Subscribe before reading the call's state: an end in between is then never missed.
-            for subject, view in watches:
-                await services.hub.watch(subject, ws, view, outbox)
+        async with self.watching(ws, watches, outbox):
             status = await services.database.call_status(ws, call_id)
             if status is None:
                 await send_error(scope, send, not_found("call", call_id))
@@ -107,9 +104,6 @@ class TranscriptStream(StreamEndpoint):
                 await send({"type": "http.response.body", "body": b""})
                 return
             await pump_sse(services, self.kind, principal, outbox, receive, send)
-        finally:
-            for subject, view in watches:
-                await services.hub.unwatch(subject, view, outbox)
 
 
 class ConversationStream(StreamEndpoint):
@@ -125,13 +119,10 @@ class ConversationStream(StreamEndpoint):
         if conversation_id is None:
             return
         ws = principal.workspace_id
-        outbox = Outbox(services.settings.stream_buffer, self.dropped)
+        outbox = self.new_outbox()
         subject = conversation_events_subject(ws, conversation_id)
-        try:
-            await services.hub.watch(subject, ws, View.CONVERSATION, outbox)
+        async with self.watching(ws, [(subject, View.CONVERSATION)], outbox):
             if not await services.database.conversation_exists(ws, conversation_id):
                 await send_error(scope, send, not_found("conversation", conversation_id))
                 return
             await pump_sse(services, self.kind, principal, outbox, receive, send)
-        finally:
-            await services.hub.unwatch(subject, View.CONVERSATION, outbox)

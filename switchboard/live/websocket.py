@@ -53,9 +53,8 @@ class CallEventSocket(StreamEndpoint):
             return
         ws = principal.workspace_id
         subject = call_events_subject(ws, call_id)
-        outbox = Outbox(services.settings.stream_buffer, self.dropped)
-        try:
-            await services.hub.watch(subject, ws, View.CALL_EVENTS, outbox)
+        outbox = self.new_outbox()
+        async with self.watching(ws, [(subject, View.CALL_EVENTS)], outbox):
             status = await services.database.call_status(ws, call_id)
             if status is None:
                 await send_error(scope, send, not_found("call", call_id))
@@ -72,8 +71,6 @@ class CallEventSocket(StreamEndpoint):
                 await self._session(principal, call_id, outbox, receive, send, replayed)
             finally:
                 services.registry.remove(outbox)
-        finally:
-            await services.hub.unwatch(subject, View.CALL_EVENTS, outbox)
 
     async def _replay(
         self, principal: Principal, subject: str, send: Send
