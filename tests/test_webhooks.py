@@ -449,6 +449,7 @@ async def test_webhook_crud_test_endpoint_and_redeliver(
         f"/v1/webhooks/{hook['id']}/deliveries/{delivery['id']}/redeliver", headers=h
     )
     assert again.status_code == 200 and again.json()["status"] == "pending"
+    assert len(again.json()["attempts"]) == 2  # the log keeps the failed attempts
     clock.now = utc_now() + timedelta(seconds=1)
     await drain(sender)
     [delivery] = await pending_deliveries(client, workspace, hook["id"], 1)

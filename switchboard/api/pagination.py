@@ -52,7 +52,17 @@ def page(
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Rows per page, 1 to 100.")]
 PageToken = Annotated[str | None, Query(description="The next_page_token of the previous page.")]
 
-_PAGED_TABLES = frozenset({"api_keys", "agents", "calls", "conversations", "messages"})
+_PAGED_TABLES = frozenset(
+    {
+        "api_keys",
+        "agents",
+        "calls",
+        "conversations",
+        "messages",
+        "webhook_endpoints",
+        "webhook_deliveries",
+    }
+)
 
 
 async def fetch_page(

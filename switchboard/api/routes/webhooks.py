@@ -19,8 +19,10 @@ from switchboard.api.pagination import (
     PageSize,
     PageToken,
     decode_page_token,
-    encode_page_token,
+    fetch_page,
+    page,
 )
+from switchboard.db import Connection
 from switchboard.errors import ApiError, invalid, not_found
 from switchboard.events import CATALOGUE, make_envelope
 from switchboard.ids import new_id, utc_now
@@ -131,6 +133,38 @@ def render_webhook(row: Any) -> dict[str, Any]:
     }
 
 
+def render_delivery(row: Any, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    pending = row["status"] == "pending"
+    return {
+        "id": row["id"],
+        "event_id": row["event_id"],
+        "event_type": row["event_type"],
+        "status": row["status"],
+        "attempts": attempts,
+        "next_attempt_at": render.ts(row["next_attempt_at"]) if pending else None,
+        "created_at": render.ts(row["created_at"]),
+    }
+
+
+async def attempts_of(conn: Connection, delivery_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Every attempt of these deliveries, oldest first, by delivery id."""
+    rows = await conn.fetch(
+        "SELECT * FROM webhook_attempts WHERE delivery_id = ANY($1) ORDER BY id", delivery_ids
+    )
+    by_delivery: dict[str, list[dict[str, Any]]] = {}
+    for a in rows:
+        by_delivery.setdefault(a["delivery_id"], []).append(
+            {
+                "attempted_at": render.ts(a["attempted_at"]),
+                "status_code": a["status_code"],
+                "latency_ms": a["latency_ms"],
+                "error": a["error"],
+                "next_attempt_at": render.ts(a["next_attempt_at"]),
+            }
+        )
+    return by_delivery
+
+
 async def _checked_url(services: Services, url: str) -> str:
     try:
         await check_url(url, services.settings.webhook_allow_private)
@@ -168,16 +202,8 @@ async def list_webhooks(
 ) -> dict[str, Any]:
     before = decode_page_token("webhooks", page_token)
     async with services.database.workspace(principal.workspace_id) as conn:
-        rows = await conn.fetch(
-            """SELECT * FROM webhook_endpoints WHERE ($1::bigint IS NULL OR seq < $1)
-               ORDER BY seq DESC LIMIT $2""",
-            before,
-            page_size + 1,
-        )
-    body: dict[str, Any] = {"webhooks": [render_webhook(r) for r in rows[:page_size]]}
-    if len(rows) > page_size:
-        body["next_page_token"] = encode_page_token("webhooks", int(rows[page_size - 1]["seq"]))
-    return body
+        rows = await fetch_page(conn, "webhook_endpoints", before, page_size)
+    return page("webhooks", rows, page_size, [render_webhook(r) for r in rows])
 
 
 @router.get("/v1/webhooks/{webhook_id}", response_model=Webhook)
@@ -266,47 +292,12 @@ async def list_deliveries(
     async with services.database.workspace(principal.workspace_id) as conn:
         if not await conn.fetchval("SELECT 1 FROM webhook_endpoints WHERE id = $1", webhook_id):
             raise not_found("webhook", webhook_id)
-        rows = await conn.fetch(
-            """SELECT * FROM webhook_deliveries WHERE endpoint_id = $1
-                 AND ($2::bigint IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3""",
-            webhook_id,
-            before,
-            page_size + 1,
+        rows = await fetch_page(
+            conn, "webhook_deliveries", before, page_size, [("endpoint_id", webhook_id)]
         )
-        attempts = await conn.fetch(
-            "SELECT * FROM webhook_attempts WHERE delivery_id = ANY($1) ORDER BY id",
-            [r["id"] for r in rows[:page_size]],
-        )
-    by_delivery: dict[str, list[dict[str, Any]]] = {}
-    for a in attempts:
-        by_delivery.setdefault(a["delivery_id"], []).append(
-            {
-                "attempted_at": render.ts(a["attempted_at"]),
-                "status_code": a["status_code"],
-                "latency_ms": a["latency_ms"],
-                "error": a["error"],
-                "next_attempt_at": render.ts(a["next_attempt_at"]),
-            }
-        )
-    body: dict[str, Any] = {
-        "deliveries": [
-            {
-                "id": r["id"],
-                "event_id": r["event_id"],
-                "event_type": r["event_type"],
-                "status": r["status"],
-                "attempts": by_delivery.get(r["id"], []),
-                "next_attempt_at": render.ts(r["next_attempt_at"])
-                if r["status"] == "pending"
-                else None,
-                "created_at": render.ts(r["created_at"]),
-            }
-            for r in rows[:page_size]
-        ]
-    }
-    if len(rows) > page_size:
-        body["next_page_token"] = encode_page_token("deliveries", int(rows[page_size - 1]["seq"]))
-    return body
+        attempts = await attempts_of(conn, [r["id"] for r in rows[:page_size]])
+    items = [render_delivery(r, attempts.get(r["id"], [])) for r in rows]
+    return page("deliveries", rows, page_size, items)
 
 
 @router.post(
@@ -334,15 +325,8 @@ async def redeliver(
             if exists is None:
                 raise not_found("delivery", delivery_id)
             raise ApiError("ALREADY_EXISTS", f"Delivery {delivery_id} is already pending.")
-    return {
-        "id": row["id"],
-        "event_id": row["event_id"],
-        "event_type": row["event_type"],
-        "status": row["status"],
-        "attempts": [],
-        "next_attempt_at": render.ts(row["next_attempt_at"]),
-        "created_at": render.ts(row["created_at"]),
-    }
+        attempts = await attempts_of(conn, [row["id"]])
+    return render_delivery(row, attempts.get(row["id"], []))
 
 
 @router.post("/v1/webhooks/test", response_model=TestResult)
