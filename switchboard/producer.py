@@ -15,18 +15,17 @@ from typing import Any
 import orjson
 from nats.aio.client import Client
 
+from switchboard.bus.connection import store_envelope
 from switchboard.events import (
     EventError,
     call_transcript_subject,
     check_envelope,
     is_voice,
     make_envelope,
-    subject_for,
 )
 from switchboard.ids import iso_ms, new_id, utc_now
 
 ROLES = ("user", "agent")
-PUBLISH_TIMEOUT = 5.0
 
 
 class Producer:
@@ -68,12 +67,7 @@ class Producer:
     async def publish_envelope(self, envelope: dict[str, Any]) -> None:
         """Stores a ready-made envelope after checking it against the catalogue."""
         check_envelope(envelope)
-        await self.js.publish(
-            subject_for(envelope),
-            orjson.dumps(envelope),
-            timeout=PUBLISH_TIMEOUT,
-            headers={"Nats-Msg-Id": envelope["event_id"]},
-        )
+        await store_envelope(self.js, envelope)
 
     async def turn(
         self,

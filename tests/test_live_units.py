@@ -27,7 +27,7 @@ async def test_outbox_drops_the_newest_when_full_and_keeps_terminal_and_replies(
     box.push_priority("reply")
     box.end(Terminal(Ending.CALL_COMPLETED))
     assert not box.offer(b"late")
-    items = [await box.next(None) for _ in range(5)]
+    items = [await box.next() for _ in range(5)]
     assert items == ["reply", b"0", b"1", b"2", Terminal(Ending.CALL_COMPLETED)]
 
 
@@ -36,7 +36,7 @@ async def test_end_now_skips_queued_frames_and_wins_over_a_gentle_end() -> None:
     box.offer(b"a")
     box.end(Terminal(Ending.CALL_COMPLETED))
     box.end_now(Terminal(Ending.REVOKED))
-    assert await box.next(None) == Terminal(Ending.REVOKED)
+    assert await box.next() == Terminal(Ending.REVOKED)
 
 
 async def test_ticker_asks_idle_sse_streams_for_heartbeats_and_ends_expired_tokens() -> None:
@@ -51,7 +51,7 @@ async def test_ticker_asks_idle_sse_streams_for_heartbeats_and_ends_expired_toke
     registry.tick(start + 31, 1000.5)
     assert sse.heartbeat_due and not ws.heartbeat_due
     assert token.terminal == Terminal(Ending.TOKEN_EXPIRED)
-    assert await sse.next(None) is None  # the writer's cue to write `: keep-alive`
+    assert await sse.next() is None  # the writer's cue to write `: keep-alive`
     assert registry.end_for_key("key_a") == 2
     assert ws.terminal == Terminal(Ending.REVOKED)
     for box in (sse, ws, token):

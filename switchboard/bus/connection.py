@@ -12,6 +12,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError
 
 from switchboard.events import EVENTS_STREAM, EVENTS_SUBJECTS, KEY_REVOKED_SUBJECT, subject_for
@@ -21,6 +22,18 @@ log = logging.getLogger(__name__)
 EVENT_RETENTION_SECONDS = 7 * 24 * 3600  # longer than the 24 h webhook window, with room to spare
 DUPLICATE_WINDOW_SECONDS = 120.0
 PUBLISH_TIMEOUT = 5.0
+
+
+async def store_envelope(js: JetStreamContext, envelope: Mapping[str, Any]) -> None:
+    """Stores an envelope on its `.events` subject, deduplicated on its event_id; returns only
+    once the server acknowledged it. Every producer of events (the API, the producer API)
+    stores through here."""
+    await js.publish(
+        subject_for(envelope),
+        orjson.dumps(envelope),
+        timeout=PUBLISH_TIMEOUT,
+        headers={"Nats-Msg-Id": envelope["event_id"]},
+    )
 
 
 class BusUnavailable(RuntimeError):
@@ -54,12 +67,7 @@ class Bus:
         """Stores the envelope in JetStream, deduplicated on its event_id; raises BusUnavailable
         unless the server acknowledged it, so a caller never reports success for a lost event."""
         try:
-            await self.js.publish(
-                subject_for(envelope),
-                orjson.dumps(envelope),
-                timeout=PUBLISH_TIMEOUT,
-                headers={"Nats-Msg-Id": envelope["event_id"]},
-            )
+            await store_envelope(self.js, envelope)
         except Exception as failure:  # nats raises several unrelated types for "not stored"
             raise BusUnavailable(
                 f"the bus did not store the event: {type(failure).__name__}"

@@ -90,9 +90,9 @@ class Outbox:
             batch.append(self._frames.popleft())
         return batch
 
-    async def next(self, wait: float | None) -> Item | None:
-        """The next frame, then the terminal. None when a heartbeat is due, nothing came within
-        `wait` seconds (if given), or the outbox was aborted."""
+    async def next(self) -> Item | None:
+        """The next frame, then the terminal. None when a heartbeat is due or the outbox was
+        aborted. There is no timeout: the registry's ticker wakes idle writers."""
         while not self.aborted:
             if self.heartbeat_due:
                 self.heartbeat_due = False
@@ -104,13 +104,5 @@ class Outbox:
             if self._terminal is not None:
                 return self._terminal
             self._ready.clear()
-            if wait is None:
-                # The common case: no timer per wait (heartbeats come from one shared ticker).
-                await self._ready.wait()
-                continue
-            try:
-                async with asyncio.timeout(wait):
-                    await self._ready.wait()
-            except TimeoutError:
-                return None
+            await self._ready.wait()
         return None

@@ -54,7 +54,7 @@ async def pump_sse(
     )
     try:
         while True:
-            item = await outbox.next(None)
+            item = await outbox.next()
             if outbox.aborted:
                 return
             if item is None:

@@ -164,7 +164,7 @@ class CallEventSocket(StreamEndpoint):
     ) -> None:
         metrics = self.services.metrics
         while True:
-            item = await outbox.next(None)
+            item = await outbox.next()
             if outbox.aborted:
                 return
             if item is None:
