@@ -52,6 +52,37 @@ def retry_after_of(value: str | None, now: datetime) -> timedelta | None:
         return None
 
 
+async def post_signed(
+    http: httpx.AsyncClient,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    allow_private: bool,
+    now: datetime,
+) -> AttemptOutcome:
+    """One POST of a signed body: the URL checked again, no redirects (the client's setting),
+    at most MAX_RESPONSE_BYTES of the answer read. Never raises for the receiver's faults."""
+    started = time.perf_counter()
+    try:
+        await check_url(url, allow_private)
+        async with http.stream("POST", url, content=body, headers=headers) as response:
+            read = 0
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read >= MAX_RESPONSE_BYTES:
+                    break
+            status = response.status_code
+            retry_after = retry_after_of(response.headers.get("retry-after"), now)
+    except UnsafeUrl as unsafe:
+        return AttemptOutcome(False, None, 0.0, f"refused: {unsafe}", None)
+    except httpx.TimeoutException:
+        message = f"no answer within {http.timeout.read or 0:g} s"
+        return AttemptOutcome(False, None, _ms(started), message, None)
+    except httpx.HTTPError as failure:
+        return AttemptOutcome(False, None, _ms(started), f"{type(failure).__name__}", None)
+    return AttemptOutcome(200 <= status < 300, status, _ms(started), None, retry_after)
+
+
 class Sender:
     def __init__(
         self,
@@ -72,7 +103,6 @@ class Sender:
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not a secret
         self.poll_interval = poll_interval
-        self.attempt_timeout = attempt_timeout
         self.http = httpx.AsyncClient(follow_redirects=False, timeout=attempt_timeout)
         self._in_flight: dict[str, int] = {}  # endpoint_id -> attempts running
         self._tasks: set[asyncio.Task[None]] = set()
@@ -156,27 +186,7 @@ class Sender:
             secrets_in_use.append(row["previous_secret"])
         body = bytes(row["body"])
         headers = delivery_headers(secrets_in_use, row["event_id"], int(now.timestamp()), body)
-        started = time.perf_counter()
-        try:
-            await check_url(row["url"], self.allow_private)
-            async with self.http.stream(
-                "POST", row["url"], content=body, headers=headers
-            ) as response:
-                read = 0
-                async for chunk in response.aiter_raw():
-                    read += len(chunk)
-                    if read >= MAX_RESPONSE_BYTES:
-                        break
-                status = response.status_code
-                retry_after = retry_after_of(response.headers.get("retry-after"), now)
-        except UnsafeUrl as unsafe:
-            return AttemptOutcome(False, None, 0.0, f"refused: {unsafe}", None)
-        except httpx.TimeoutException:
-            message = f"no answer within {self.attempt_timeout:g} s"
-            return AttemptOutcome(False, None, _ms(started), message, None)
-        except httpx.HTTPError as failure:
-            return AttemptOutcome(False, None, _ms(started), f"{type(failure).__name__}", None)
-        return AttemptOutcome(200 <= status < 300, status, _ms(started), None, retry_after)
+        return await post_signed(self.http, row["url"], body, headers, self.allow_private, now)
 
     async def record(self, row: Any, outcome: AttemptOutcome) -> None:
         now = self.clock()

@@ -3,7 +3,6 @@ delete, rotate the secret, read the delivery log, redeliver, and send a signed t
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -27,11 +26,13 @@ from switchboard.errors import ApiError, invalid, not_found
 from switchboard.events import CATALOGUE, make_envelope
 from switchboard.ids import new_id, utc_now
 from switchboard.webhooks.safety import UnsafeUrl, check_url
+from switchboard.webhooks.sender import post_signed
 from switchboard.webhooks.signing import delivery_headers, new_secret
 
 router = APIRouter(tags=["webhooks"])
 
 ROTATION_OVERLAP = timedelta(hours=24)
+TEST_TIMEOUT = 5.0  # a test answers the caller at once; a real delivery gets 10 s
 WebhookId = Annotated[str, StringConstraints(pattern=r"^whk_[0-9A-Za-z]{16,64}$")]
 DeliveryId = Annotated[str, StringConstraints(pattern=r"^del_[0-9A-Za-z]{16,64}$")]
 
@@ -347,25 +348,16 @@ async def test_webhook(
         payload={"status": "completed", "duration_seconds": 42.0, "ended_by": "user", "test": True},
     )
     raw = orjson.dumps(envelope)
-    now = int(time.time())
-    headers = delivery_headers([row["secret"]], envelope["event_id"], now, raw)
-    started = time.perf_counter()
-    status, error = None, None
-    try:
-        await check_url(row["url"], services.settings.webhook_allow_private)
-        async with httpx.AsyncClient(follow_redirects=False, timeout=5.0) as http:
-            response = await http.post(row["url"], content=raw, headers=headers)
-            status = response.status_code
-    except UnsafeUrl as unsafe:
-        error = f"refused: {unsafe}"
-    except httpx.HTTPError as failure:
-        error = type(failure).__name__
-    latency = round((time.perf_counter() - started) * 1000, 1)
-    ok = status is not None and 200 <= status < 300
+    now = utc_now()
+    headers = delivery_headers([row["secret"]], envelope["event_id"], int(now.timestamp()), raw)
+    async with httpx.AsyncClient(follow_redirects=False, timeout=TEST_TIMEOUT) as http:
+        outcome = await post_signed(
+            http, row["url"], raw, headers, services.settings.webhook_allow_private, now
+        )
     return {
         "event_id": envelope["event_id"],
-        "ok": ok,
-        "status_code": status,
-        "latency_ms": latency,
-        "error": error,
+        "ok": outcome.ok,
+        "status_code": outcome.status_code,
+        "latency_ms": outcome.latency_ms,
+        "error": outcome.error,
     }
