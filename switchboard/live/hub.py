@@ -130,11 +130,12 @@ class Hub:
                 log.warning("dropped an envelope whose workspace does not match its subject")
                 return
             topic.seq += 1
-            for view, outboxes in list(topic.watchers.items()):
+            # No await below: the watcher sets cannot change while we walk them, so no copies.
+            for view, outboxes in topic.watchers.items():
                 if not outboxes:
                     continue
                 for item in encode(view, message, topic.seq):
-                    for outbox in list(outboxes):
+                    for outbox in outboxes:
                         if isinstance(item, Terminal):
                             outbox.end(item)
                         else:
