@@ -1,5 +1,6 @@
 """The bus: NATS for live fan-out and JetStream for the durable `.events` subjects."""
 
-from switchboard.bus.connection import Bus, BusUnavailable, connect_bus
+from switchboard.bus.connection import Bus, connect_bus
+from switchboard.outage import BusUnavailable
 
 __all__ = ["Bus", "BusUnavailable", "connect_bus"]

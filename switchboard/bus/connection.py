@@ -16,6 +16,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError
 
 from switchboard.events import EVENTS_STREAM, EVENTS_SUBJECTS, KEY_REVOKED_SUBJECT, subject_for
+from switchboard.outage import BusUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ async def store_envelope(js: JetStreamContext, envelope: Mapping[str, Any]) -> N
         timeout=PUBLISH_TIMEOUT,
         headers={"Nats-Msg-Id": envelope["event_id"]},
     )
-
-
-class BusUnavailable(RuntimeError):
-    """NATS did not accept a message in time; nothing was published."""
 
 
 class Bus:

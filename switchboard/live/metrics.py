@@ -19,6 +19,15 @@ class Metrics:
         self.bus_messages = 0
         # Read at scrape time from the hub, so it can never drift from the truth.
         self.bus_subscriptions: Callable[[], int] = lambda: 0
+        # Counter families that components register for themselves: name -> (help, label, values).
+        self._families: dict[str, tuple[str, str, dict[str, int]]] = {}
+
+    def counter(self, name: str, help_text: str, label: str) -> dict[str, int]:
+        """A labelled counter family, registered once (a second call returns the same values):
+        components increment `values[label_value]` and the family is rendered with the rest."""
+        if name not in self._families:
+            self._families[name] = (help_text, label, defaultdict(int))
+        return self._families[name][2]
 
     def render(self) -> str:
         lines: list[str] = []
@@ -69,4 +78,6 @@ class Metrics:
             "# TYPE switchboard_bus_messages_total counter",
             f"switchboard_bus_messages_total {self.bus_messages}",
         ]
+        for name, (help_text, label, values) in sorted(self._families.items()):
+            family(name, "counter", help_text, values, label)
         return "\n".join(lines) + "\n"
