@@ -16,7 +16,6 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError
 
 from switchboard.events import EVENTS_STREAM, EVENTS_SUBJECTS, KEY_REVOKED_SUBJECT, subject_for
-from switchboard.outage import BusUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +26,8 @@ PUBLISH_TIMEOUT = 5.0
 
 async def store_envelope(js: JetStreamContext, envelope: Mapping[str, Any]) -> None:
     """Stores an envelope on its `.events` subject, deduplicated on its event_id; returns only
-    once the server acknowledged it. Every producer of events (the API, the producer API)
-    stores through here."""
+    once the server acknowledged it. The producer API stores through here; the REST API's
+    events go through the outbox relay (`event_outbox`), which publishes the same way."""
     await js.publish(
         subject_for(envelope),
         orjson.dumps(envelope),
@@ -59,16 +58,6 @@ class Bus:
         except BadRequestError:
             # It exists with another config (an older version of ours): bring it up to date.
             await self.js.update_stream(config)
-
-    async def publish_event(self, envelope: Mapping[str, Any]) -> None:
-        """Stores the envelope in JetStream, deduplicated on its event_id; raises BusUnavailable
-        unless the server acknowledged it, so a caller never reports success for a lost event."""
-        try:
-            await store_envelope(self.js, envelope)
-        except Exception as failure:  # nats raises several unrelated types for "not stored"
-            raise BusUnavailable(
-                f"the bus did not store the event: {type(failure).__name__}"
-            ) from None
 
     async def publish(self, subject: str, body: bytes) -> None:
         """Core NATS publish, for live-only data such as transcript partials and commands."""

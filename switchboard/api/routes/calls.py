@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import orjson
@@ -17,11 +18,13 @@ from switchboard.api.pagination import (
     fetch_page,
     page,
 )
+from switchboard.bus.event_outbox import stage_event
 from switchboard.errors import ApiError, not_found
 from switchboard.events import call_control_subject, make_envelope
 from switchboard.ids import new_id
 
 router = APIRouter(tags=["calls"])
+log = logging.getLogger(__name__)
 
 CallStatus = Literal["in_progress", "completed", "failed", "no_answer", "busy"]
 
@@ -30,8 +33,8 @@ CallStatus = Literal["in_progress", "completed", "failed", "no_answer", "busy"]
 async def create_call(
     body: models.CallCreate, services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    """Places an outbound call: the row is written and `call.initiated` is stored on the bus in
-    one step; if the bus does not take the event, the call is not created (503)."""
+    """Places an outbound call: the row and its `call.initiated` commit together (the outbox
+    relay puts the event on the bus), so a bus outage delays the event but refuses nothing."""
     call_id = new_id("call")
     async with services.database.workspace(principal.workspace_id) as conn:
         if body.agent_id is not None:
@@ -51,7 +54,8 @@ async def create_call(
             body.from_number,
             body.to_number,
         )
-        await services.bus.publish_event(
+        await stage_event(
+            conn,
             make_envelope(
                 "call.initiated",
                 workspace_id=principal.workspace_id,
@@ -64,7 +68,7 @@ async def create_call(
                     "to_number": body.to_number,
                     "transport": body.transport,
                 },
-            )
+            ),
         )
     return render.call(row)
 
@@ -101,7 +105,7 @@ async def hang_up(
     call_id: models.CallId, services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     """Ends a call in progress (a call already ended is answered as it is). The API records the
-    end and publishes `call.completed` itself, so the record does not depend on a media plane
+    end and stages `call.completed` itself, so the record does not depend on a media plane
     being up; the media plane is told on the control subject to drop the call's media."""
     async with services.database.workspace(principal.workspace_id) as conn:
         row = await conn.fetchrow("SELECT * FROM calls WHERE id = $1 FOR UPDATE", call_id)
@@ -116,7 +120,8 @@ async def hang_up(
             call_id,
         )
         assert row is not None  # the row is locked above, so the update finds it
-        await services.bus.publish_event(
+        await stage_event(
+            conn,
             make_envelope(
                 "call.completed",
                 workspace_id=principal.workspace_id,
@@ -128,10 +133,18 @@ async def hang_up(
                     "duration_seconds": row["duration_seconds"],
                     "ended_by": "api",
                 },
-            )
+            ),
         )
-    await services.bus.publish(
-        call_control_subject(principal.workspace_id, call_id),
-        orjson.dumps({"action": "hangup", "call_id": call_id}),
-    )
+    # Best effort, after the commit: the hang-up has happened whatever the bus does now (an
+    # error here must not turn a committed write into a 5xx), and the media plane also learns
+    # of it from `call.completed` with `ended_by: "api"` once the relay has published it.
+    try:
+        await services.bus.publish(
+            call_control_subject(principal.workspace_id, call_id),
+            orjson.dumps({"action": "hangup", "call_id": call_id}),
+        )
+    except Exception as failure:
+        log.warning(
+            "hang-up of %s not sent to the media plane: %s", call_id, type(failure).__name__
+        )
     return render.call(row)

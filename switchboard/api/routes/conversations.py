@@ -17,6 +17,7 @@ from switchboard.api.pagination import (
     fetch_page,
     page,
 )
+from switchboard.bus.event_outbox import stage_event
 from switchboard.errors import not_found
 from switchboard.events import make_envelope
 
@@ -124,5 +125,5 @@ async def change_mode(
             body.ai_mode,
             actor,
         )
-        await services.bus.publish_event(envelope)
+        await stage_event(conn, envelope)
     return {**render.conversation(updated), "changed": True}

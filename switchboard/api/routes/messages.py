@@ -8,6 +8,7 @@ from fastapi import APIRouter
 
 from switchboard.api import models, render
 from switchboard.api.deps import PrincipalDep, ServicesDep
+from switchboard.bus.event_outbox import stage_event
 from switchboard.errors import ApiError, invalid
 from switchboard.events import make_envelope
 from switchboard.ids import new_id
@@ -20,8 +21,8 @@ async def send_message(
     body: models.MessageCreate, services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     """Sends `text` either in `conversation_id`, or to `to_number` from `from_number` on
-    `channel`, which finds or starts the conversation between those two numbers. The message is
-    stored and `message.sent` is stored on the bus in one step."""
+    `channel`, which finds or starts the conversation between those two numbers. The message and
+    its `message.sent` commit together; the outbox relay puts the event on the bus."""
     by_numbers = (body.channel, body.to_number, body.from_number)
     if body.conversation_id is None and None in by_numbers:
         raise invalid(
@@ -68,7 +69,8 @@ async def send_message(
             conversation["id"],
             row["created_at"],
         )
-        await services.bus.publish_event(
+        await stage_event(
+            conn,
             make_envelope(
                 "message.sent",
                 workspace_id=principal.workspace_id,
@@ -81,6 +83,6 @@ async def send_message(
                     "text": body.text,
                     "status": "sent",
                 },
-            )
+            ),
         )
     return render.message(row)
