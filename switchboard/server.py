@@ -24,6 +24,7 @@ from switchboard.api.app import create_app
 from switchboard.api.deps import Services
 from switchboard.auth.authenticator import Authenticator
 from switchboard.bus import connect_bus
+from switchboard.bus.event_outbox import OutboxRelay
 from switchboard.config import Settings
 from switchboard.db import connect_database
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
@@ -130,6 +131,11 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
     hub = Hub(bus.client, metrics)
     services = Services(settings, database, bus, authenticator, metrics, hub, registry)
     services.background.append(asyncio.create_task(registry.run_ticker()))
+    # Every process that serves the API relays its outbox: the REST writes' events reach the
+    # bus only through a relay (one is active per database; the others stand by).
+    relay = OutboxRelay(database, bus, metrics)
+    await relay.start()
+    services.stoppers.append(relay.stop)
     return services
 
 
