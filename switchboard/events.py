@@ -115,6 +115,29 @@ def conversation_events_subject(workspace_id: str, conversation_id: str) -> str:
     return f"vb.{workspace_id}.conversation.{conversation_id}.events"
 
 
+def parse_events_subject(subject: str) -> tuple[str, str, str] | None:
+    """(workspace_id, "call" or "conversation", id) of a `.events` subject, else None."""
+    parts = subject.split(".")
+    shaped = len(parts) == 5 and parts[0] == "vb" and parts[4] == "events"
+    if shaped and parts[2] in ("call", "conversation"):
+        return parts[1], parts[2], parts[3]
+    return None
+
+
+def subject_mismatch(subject: str, envelope: Mapping[str, Any]) -> str | None:
+    """Why an envelope does not belong on `subject` (SPEC 7: a consumer trusts the workspace in
+    the subject, never the one inside a message), or None when it does."""
+    parsed = parse_events_subject(subject)
+    if parsed is None:
+        return "not an .events subject"
+    workspace_id, kind, ident = parsed
+    if envelope.get("workspace_id") != workspace_id:
+        return "workspace_id differs from the subject's"
+    if envelope.get("call_id" if kind == "call" else "conversation_id") != ident:
+        return f"{kind} id differs from the subject's"
+    return None
+
+
 def subject_for(envelope: Mapping[str, Any]) -> str:
     if envelope.get("call_id"):
         return call_events_subject(envelope["workspace_id"], envelope["call_id"])

@@ -37,8 +37,9 @@ class BusUnavailable(RuntimeError):
 
 
 def unavailable_dependency(error: BaseException) -> str | None:
-    """ "database" or "bus" when `error` means that dependency is down, else None (a bug)."""
-    if isinstance(error, BusUnavailable | _BUS_ERRORS):
+    """Which dependency `error` says is down ("database" or "bus"), or None: not an outage
+    but a bug, which callers must not hide behind a 503 or a retry."""
+    if isinstance(error, (BusUnavailable, *_BUS_ERRORS)):
         return "bus"
     if isinstance(error, _DATABASE_ERRORS):
         return "database"

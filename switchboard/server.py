@@ -289,8 +289,8 @@ async def run_server(
         )
         demo_workspace = await first_workspace(backends.database_url) if demo else None
         for consumer in (
-            Recorder(services.database, services.bus),
-            WebhookRouter(services.database, services.bus),
+            Recorder(services.database, services.bus, metrics=services.metrics),
+            WebhookRouter(services.database, services.bus, metrics=services.metrics),
         ):
             await consumer.start()
             services.stoppers.append(consumer.stop)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,22 +19,32 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import FetchTimeoutError
 
-from switchboard.bus import Bus
+from switchboard.bus import Bus, parking
 from switchboard.db import Connection, Database
-from switchboard.events import EVENTS_STREAM, EventError, check_envelope
+from switchboard.events import EVENTS_STREAM, EventError, check_envelope, subject_mismatch
+from switchboard.live.metrics import Metrics
+from switchboard.outage import OutageLog, unavailable_dependency
 
 log = logging.getLogger(__name__)
 
 BATCH = 64
-RETRY_DELAY = 1.0  # seconds before an out-of-order event is tried again
+RETRY_DELAY = 1.0  # seconds before a failed event is tried again
+MAX_ATTEMPTS = 3  # deliveries of an event that fails for a reason other than an outage
+WAIT_LIMIT = 3600.0  # seconds an event may wait for its call or conversation before parking
+SWEEP_EVERY = 60.0  # seconds between sweeps for events that waited too long
+REJECT_LOG_EVERY = 60.0  # seconds between log lines about rejected envelopes
 
 
 Handler = Callable[[Connection, dict[str, Any]], Awaitable[object]]
 
 
 class NotYet(Exception):
-    """The event refers to a row that an earlier event will create (replicas may process out
-    of order): retry it later rather than lose it."""
+    """The event refers to `parent_id` (a call or conversation) that an earlier event will
+    record (replicas and producers may run out of order): keep it until that one is."""
+
+    def __init__(self, parent_id: str, message: str) -> None:
+        super().__init__(message)
+        self.parent_id = parent_id
 
 
 class Unrecordable(Exception):
@@ -49,6 +60,8 @@ class EventConsumer:
         *,
         durable: str,
         filter_subject: str = "vb.>",
+        metrics: Metrics | None = None,
+        wait_limit: float = WAIT_LIMIT,
     ) -> None:
         """`durable` names the consumer every replica of this role shares (they split the
         work); `filter_subject` narrows it (tests give each consumer its own workspace)."""
@@ -57,8 +70,23 @@ class EventConsumer:
         self.handler = handler
         self.durable = durable
         self.filter_subject = filter_subject
+        self.wait_limit = wait_limit
         self.handled = 0
-        self._task: asyncio.Task[None] | None = None
+        metrics = metrics or Metrics()
+        self.rejected = metrics.counter(
+            "switchboard_events_rejected_total",
+            "Envelopes a durable consumer dropped: not in the catalogue, or not matching the "
+            "workspace and id of their subject.",
+            "reason",
+        )
+        self.parked = metrics.counter(
+            "switchboard_events_parked_total",
+            "Events a durable consumer gave up on, kept in parked_events for replay.",
+            "consumer",
+        )
+        self.outage = OutageLog(log, f"the database ({durable})")
+        self._last_reject_log = -REJECT_LOG_EVERY
+        self._tasks: list[asyncio.Task[None]] = []
         self._subscription: JetStreamContext.PullSubscription | None = None
 
     async def start(self) -> None:
@@ -75,15 +103,19 @@ class EventConsumer:
             ),
         )
         self._subscription = subscription
-        self._task = asyncio.create_task(self._run(subscription))
+        self._tasks = [
+            asyncio.create_task(self._run(subscription)),
+            asyncio.create_task(self._sweep_forever()),
+        ]
 
     async def stop(self) -> None:
-        """Stops at once; whatever was not acknowledged is redelivered to the next recorder."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stops at once; whatever was not acknowledged is redelivered to the next consumer."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         if self._subscription is not None:
             # Only this process's interest ends; the durable consumer stays for the others.
             with contextlib.suppress(Exception):
@@ -95,38 +127,131 @@ class EventConsumer:
             try:
                 messages = await subscription.fetch(BATCH, timeout=1)
             except (FetchTimeoutError, NatsTimeout, TimeoutError):
-                continue  # nothing to record this second
+                continue  # nothing to handle this second
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
-            except Exception:
-                log.warning("%s: fetch failed; retrying", self.durable, exc_info=True)
+            except Exception as failure:
+                # The bus is down or reconnecting: nats-py says so itself, once per outage.
+                log.debug("%s: fetch failed: %s", self.durable, type(failure).__name__)
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             for message in messages:
-                await self._record(message)
+                await self._handle(message)
 
-    async def _record(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg) -> None:
         try:
             envelope = orjson.loads(msg.data)
             check_envelope(envelope)
         except (orjson.JSONDecodeError, EventError, TypeError) as bad:
-            log.error("%s: dropped an event that does not fit the catalogue: %s", self.durable, bad)
-            await msg.term()
+            await self._reject(msg, "not_in_catalogue", str(bad))
+            return
+        mismatch = subject_mismatch(msg.subject, envelope)
+        if mismatch is not None:
+            await self._reject(msg, "subject_mismatch", mismatch)
             return
         try:
-            async with self.database.workspace(envelope["workspace_id"]) as conn:
-                await self.handler(conn, envelope)
+            await self._apply(envelope)
         except Unrecordable as unknown:
-            log.error("%s: dropped event %s: %s", self.durable, envelope.get("event_id"), unknown)
+            log.error("%s: dropped event %s: %s", self.durable, envelope["event_id"], unknown)
             await msg.term()
             return
-        except NotYet as later:
-            log.info("%s: %s; retrying", self.durable, later)
-            await msg.nak(delay=RETRY_DELAY)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as failure:
+            await self._failed(msg, envelope, failure)
             return
-        except Exception:
-            log.exception("%s: could not handle event %s", self.durable, envelope.get("event_id"))
-            await msg.nak(delay=RETRY_DELAY)
-            return
+        self.outage.recovered()
         await msg.ack()
         self.handled += 1
+
+    async def _apply(self, envelope: dict[str, Any]) -> None:
+        """Applies the event, or keeps it waiting for the call or conversation it needs."""
+        workspace_id = envelope["workspace_id"]
+        try:
+            async with self.database.workspace(workspace_id) as conn:
+                await self.handler(conn, envelope)
+            return
+        except NotYet as later:
+            parent_id = later.parent_id
+        async with self.database.workspace(workspace_id) as conn:
+            await parking.hold_parent(conn, parent_id)
+            try:
+                async with conn.transaction():  # a savepoint: the parent may be recorded by now
+                    await self.handler(conn, envelope)
+            except NotYet as still:
+                await parking.wait_for(conn, self.durable, envelope, still.parent_id, str(still))
+
+    async def _failed(self, msg: Msg, envelope: dict[str, Any], failure: Exception) -> None:
+        """An outage is retried without limit and logged once; anything else is a bug or a
+        poison event: retried a few times, then parked, so it cannot hold up the others."""
+        if unavailable_dependency(failure) is not None:
+            self.outage.failed(failure)
+            await msg.nak(delay=RETRY_DELAY)
+            return
+        attempts = msg.metadata.num_delivered or 1
+        event_id = envelope["event_id"]
+        if attempts < MAX_ATTEMPTS:
+            log.warning(
+                "%s: event %s failed (attempt %d of %d): %s",
+                self.durable,
+                event_id,
+                attempts,
+                MAX_ATTEMPTS,
+                type(failure).__name__,
+            )
+            await msg.nak(delay=RETRY_DELAY * attempts)
+            return
+        reason = f"failed {attempts} times; last: {type(failure).__name__}: {failure}"
+        try:
+            async with self.database.workspace(envelope["workspace_id"]) as conn:
+                await parking.park(conn, self.durable, envelope, reason)
+        except Exception as parking_failed:
+            self.outage.failed(parking_failed)
+            await msg.nak(delay=RETRY_DELAY)
+            return
+        self.parked[self.durable] += 1
+        log.error("%s: parked event %s after %d attempts", self.durable, event_id, attempts)
+        await msg.ack()
+
+    async def _reject(self, msg: Msg, reason: str, detail: str) -> None:
+        """Drops an envelope for good: counted always, logged at most once a minute (a producer
+        could otherwise fill the log)."""
+        self.rejected[reason] += 1
+        now = time.monotonic()
+        if now - self._last_reject_log >= REJECT_LOG_EVERY:
+            self._last_reject_log = now
+            log.error(
+                "%s: dropped an envelope (%s): %s; counted in switchboard_events_rejected_total",
+                self.durable,
+                reason,
+                detail,
+            )
+        await msg.term()
+
+    async def sweep(self) -> int:
+        """Parks the events that have waited longer than `wait_limit`; returns how many."""
+        async with self.database.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM park_stale_waiting($1)", self.wait_limit)
+        self.parked[self.durable] += len(rows)
+        if rows:
+            log.error(
+                "%s: parked %d events whose call or conversation never appeared within %.0f s "
+                "(see `switchboard events parked`)",
+                self.durable,
+                len(rows),
+                self.wait_limit,
+            )
+        return len(rows)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            try:
+                await self.sweep()
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as failure:
+                if unavailable_dependency(failure) is None:
+                    log.exception("%s: sweep failed", self.durable)
+                else:
+                    self.outage.failed(failure)

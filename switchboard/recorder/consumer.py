@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from switchboard.bus import Bus
-from switchboard.bus.durable import EventConsumer
+from switchboard.bus.durable import WAIT_LIMIT, EventConsumer
 from switchboard.db import Database
+from switchboard.live.metrics import Metrics
 from switchboard.recorder.effects import apply
 
 DURABLE = "recorder"
@@ -12,6 +13,21 @@ DURABLE = "recorder"
 
 class Recorder(EventConsumer):
     def __init__(
-        self, database: Database, bus: Bus, *, durable: str = DURABLE, filter_subject: str = "vb.>"
+        self,
+        database: Database,
+        bus: Bus,
+        *,
+        durable: str = DURABLE,
+        filter_subject: str = "vb.>",
+        metrics: Metrics | None = None,
+        wait_limit: float = WAIT_LIMIT,
     ) -> None:
-        super().__init__(database, bus, apply, durable=durable, filter_subject=filter_subject)
+        super().__init__(
+            database,
+            bus,
+            apply,
+            durable=durable,
+            filter_subject=filter_subject,
+            metrics=metrics,
+            wait_limit=wait_limit,
+        )

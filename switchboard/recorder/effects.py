@@ -8,9 +8,13 @@ from typing import Any
 
 import orjson
 
+from switchboard.bus import parking
 from switchboard.bus.durable import NotYet, Unrecordable
 from switchboard.db import Connection
 from switchboard.ids import parse_iso
+from switchboard.outage import unavailable_dependency
+
+RECORDER = "recorder"  # the consumer named on events the recorder parks
 
 # How far a message has got; a status never moves backwards (a late `delivered` after `read`).
 MESSAGE_PROGRESS = {"received": 1, "sent": 1, "delivered": 2, "read": 3, "failed": 4}
@@ -55,11 +59,27 @@ async def _call_initiated(conn: Connection, envelope: dict[str, Any]) -> None:
         p["to_number"],
         parse_iso(envelope["timestamp"]),
     )
+    await _release_waiting(conn, envelope["call_id"])
+
+
+async def _release_waiting(conn: Connection, parent_id: str) -> None:
+    """Applies the events that arrived before `parent_id` was recorded, oldest first, each in
+    a savepoint: one that fails for good is parked, and cannot undo its parent."""
+    await parking.hold_parent(conn, parent_id)
+    for waiting in await parking.take_waiting(conn, parent_id):
+        try:
+            async with conn.transaction():
+                await apply(conn, waiting)
+        except Exception as failure:
+            if unavailable_dependency(failure) is not None:
+                raise
+            reason = f"failed after its {parent_id} arrived: {type(failure).__name__}: {failure}"
+            await parking.park(conn, RECORDER, waiting, reason)
 
 
 async def _require_call(conn: Connection, call_id: str) -> None:
     if not await conn.fetchval("SELECT 1 FROM calls WHERE id = $1", call_id):
-        raise NotYet(f"call {call_id} is not recorded yet")
+        raise NotYet(call_id, f"call {call_id} is not recorded yet")
 
 
 async def _call_completed(conn: Connection, envelope: dict[str, Any]) -> None:
@@ -110,7 +130,10 @@ async def _ensure_conversation(conn: Connection, envelope: dict[str, Any]) -> No
     ):
         return
     if not customer or not business:
-        raise NotYet(f"conversation {envelope['conversation_id']} is not recorded yet")
+        raise NotYet(
+            envelope["conversation_id"],
+            f"conversation {envelope['conversation_id']} is not recorded yet",
+        )
     await conn.execute(
         """INSERT INTO conversations (id, workspace_id, agent_id, channel, customer_number,
                                       business_number, created_at)
@@ -124,6 +147,7 @@ async def _ensure_conversation(conn: Connection, envelope: dict[str, Any]) -> No
         business,
         parse_iso(envelope["timestamp"]),
     )
+    await _release_waiting(conn, envelope["conversation_id"])
 
 
 async def _message(conn: Connection, envelope: dict[str, Any]) -> None:
@@ -159,7 +183,10 @@ async def _mode_changed(conn: Connection, envelope: dict[str, Any]) -> None:
     if not await conn.fetchval(
         "SELECT 1 FROM conversations WHERE id = $1", envelope["conversation_id"]
     ):
-        raise NotYet(f"conversation {envelope['conversation_id']} is not recorded yet")
+        raise NotYet(
+            envelope["conversation_id"],
+            f"conversation {envelope['conversation_id']} is not recorded yet",
+        )
     p = envelope["payload"]
     inserted = await conn.fetchval(
         """INSERT INTO conversation_mode_changes

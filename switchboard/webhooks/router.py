@@ -8,9 +8,10 @@ from typing import Any
 import orjson
 
 from switchboard.bus import Bus
-from switchboard.bus.durable import EventConsumer
+from switchboard.bus.durable import WAIT_LIMIT, EventConsumer
 from switchboard.db import Connection, Database
 from switchboard.ids import new_id
+from switchboard.live.metrics import Metrics
 
 DURABLE = "webhooks-router"
 
@@ -44,6 +45,21 @@ async def route(conn: Connection, envelope: dict[str, Any]) -> int:
 
 class WebhookRouter(EventConsumer):
     def __init__(
-        self, database: Database, bus: Bus, *, durable: str = DURABLE, filter_subject: str = "vb.>"
+        self,
+        database: Database,
+        bus: Bus,
+        *,
+        durable: str = DURABLE,
+        filter_subject: str = "vb.>",
+        metrics: Metrics | None = None,
+        wait_limit: float = WAIT_LIMIT,
     ) -> None:
-        super().__init__(database, bus, route, durable=durable, filter_subject=filter_subject)
+        super().__init__(
+            database,
+            bus,
+            route,
+            durable=durable,
+            filter_subject=filter_subject,
+            metrics=metrics,
+            wait_limit=wait_limit,
+        )

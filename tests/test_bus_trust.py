@@ -1,0 +1,246 @@
+"""The bus is trusted no further than its subject (SPEC section 7), and one workspace's poison
+cannot stall another's events: the recorder and the webhook router drop and count an envelope
+whose workspace or id differs from its subject's; an event for a call or conversation that has
+not appeared waits without holding up the bus, is applied when that one appears, and is parked
+(visible, replayable) when it never does; an event that fails every attempt is parked too."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from nats.aio.client import Client
+
+from switchboard.bus import Bus, connect_bus
+from switchboard.bus.connection import store_envelope
+from switchboard.db import Database, connect_database
+from switchboard.embedded import EmbeddedNats
+from switchboard.events import call_events_subject, conversation_events_subject, make_envelope
+from switchboard.ids import new_id
+from switchboard.live.metrics import Metrics
+from switchboard.recorder.consumer import Recorder
+from switchboard.webhooks.router import WebhookRouter
+from tests.harness import Workspace, eventually
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A bus of its own: these consumers read every workspace's subjects (`vb.>`)."""
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+class Consumers:
+    def __init__(self, database: Database, bus: Bus, metrics: Metrics) -> None:
+        self.database = database
+        self.bus = bus
+        self.metrics = metrics
+        self.recorder = Recorder(database, bus, metrics=metrics)
+        self.router = WebhookRouter(database, bus, metrics=metrics)
+
+
+@pytest.fixture
+async def consumers(own_nats: EmbeddedNats, database_url: str) -> AsyncIterator[Consumers]:
+    database = await connect_database(database_url, min_size=1, max_size=4)
+    bus = await connect_bus(own_nats.client_url)
+    running = Consumers(database, bus, Metrics())
+    await running.recorder.start()
+    await running.router.start()
+    try:
+        yield running
+    finally:
+        await running.recorder.stop()
+        await running.router.stop()
+        await bus.close()
+        await database.close()
+
+
+def initiated(workspace_id: str, call_id: str) -> dict[str, Any]:
+    return make_envelope(
+        "call.initiated",
+        workspace_id=workspace_id,
+        channel="voice",
+        call_id=call_id,
+        payload={
+            "direction": "inbound",
+            "from_number": "+14155550101",
+            "to_number": "+14155550100",
+            "transport": "sip",
+        },
+    )
+
+
+def turn(workspace_id: str, call_id: str, text: str = "hello") -> dict[str, Any]:
+    return make_envelope(
+        "call.transcription",
+        workspace_id=workspace_id,
+        channel="voice",
+        call_id=call_id,
+        payload={"turn_id": new_id("trn"), "role": "user", "text": text},
+    )
+
+
+async def owner_fetch(database_url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def recorded_call(database_url: str, call_id: str) -> asyncpg.Record | None:
+    rows = await owner_fetch(database_url, "SELECT * FROM calls WHERE id = $1", call_id)
+    return rows[0] if rows else None
+
+
+async def test_an_envelope_naming_another_workspace_is_dropped_and_counted(
+    consumers: Consumers, database_url: str, workspace: Workspace, other_workspace: Workspace
+) -> None:
+    # Workspace B has a webhook endpoint that takes every event.
+    conn = await asyncpg.connect(database_url)
+    try:
+        endpoint = new_id("whk")
+        await conn.execute(
+            """INSERT INTO webhook_endpoints (id, workspace_id, url, secret)
+               VALUES ($1, $2, 'https://example.com/hook', 'whsec_x')""",
+            endpoint,
+            other_workspace.id,
+        )
+    finally:
+        await conn.close()
+    js = consumers.bus.js
+    # Published on A's subject, naming B inside: a forged or buggy producer.
+    forged = initiated(other_workspace.id, new_id("call"))
+    await js.publish(
+        call_events_subject(workspace.id, forged["call_id"]), orjson.dumps(forged), timeout=5
+    )
+    # Right workspace, another call's subject.
+    misfiled = initiated(workspace.id, new_id("call"))
+    await js.publish(call_events_subject(workspace.id, new_id("call")), orjson.dumps(misfiled))
+    # Then an honest event for B, which both consumers handle after the forged ones.
+    honest = initiated(other_workspace.id, new_id("call"))
+    await store_envelope(js, honest)
+
+    await eventually(lambda: recorded_call(database_url, honest["call_id"]), within=20)
+
+    async def routed() -> bool:
+        rows = await owner_fetch(
+            database_url, "SELECT 1 FROM webhook_deliveries WHERE event_id = $1", honest["event_id"]
+        )
+        return bool(rows)
+
+    await eventually(routed, within=20)
+    assert await recorded_call(database_url, forged["call_id"]) is None
+    assert await recorded_call(database_url, misfiled["call_id"]) is None
+    deliveries = await owner_fetch(
+        database_url,
+        "SELECT event_id FROM webhook_deliveries WHERE endpoint_id = $1",
+        endpoint,
+    )
+    assert [d["event_id"] for d in deliveries] == [honest["event_id"]]
+    # Each consumer dropped both envelopes and counted them.
+    rejected = consumers.metrics.counter("switchboard_events_rejected_total", "", "reason")
+    assert rejected["subject_mismatch"] == 4
+    assert 'switchboard_events_rejected_total{reason="subject_mismatch"} 4' in (
+        consumers.metrics.render()
+    )
+
+
+async def test_events_for_a_call_that_has_not_appeared_do_not_stall_other_workspaces(
+    consumers: Consumers, database_url: str, workspace: Workspace, other_workspace: Workspace
+) -> None:
+    js = consumers.bus.js
+    missing_call = new_id("call")
+    # More poison than the consumer's max_ack_pending (1,000): retried in place, these would
+    # hold every slot and no later event of any workspace would ever be delivered.
+    for n in range(1_100):
+        await store_envelope(js, turn(workspace.id, missing_call, f"turn {n}"))
+    other_call = initiated(other_workspace.id, new_id("call"))
+    await store_envelope(js, other_call)
+    await eventually(lambda: recorded_call(database_url, other_call["call_id"]), within=60)
+
+    # The waiting turns are applied, in order, the moment their call appears.
+    await store_envelope(js, initiated(workspace.id, missing_call))
+
+    async def turns() -> list[asyncpg.Record]:
+        rows = await owner_fetch(
+            database_url, "SELECT text FROM turns WHERE call_id = $1 ORDER BY seq", missing_call
+        )
+        return rows if len(rows) == 1_100 else []
+
+    recorded = await eventually(turns, within=60)
+    assert [r["text"] for r in recorded[:3]] == ["turn 0", "turn 1", "turn 2"]
+    waiting = await owner_fetch(
+        database_url, "SELECT 1 FROM parked_events WHERE waits_for = $1", missing_call
+    )
+    assert waiting == []
+
+
+async def test_an_event_whose_conversation_never_appears_is_parked_and_replayable(
+    consumers: Consumers, database_url: str, workspace: Workspace
+) -> None:
+    conversation = new_id("conv")
+    mode_change = make_envelope(
+        "conversation.mode_changed",
+        workspace_id=workspace.id,
+        channel="sms",
+        conversation_id=conversation,
+        payload={"from_mode": "ai", "to_mode": "human", "actor_user_id": "usr_1"},
+    )
+    await store_envelope(consumers.bus.js, mode_change)
+
+    async def status() -> str | None:
+        rows = await owner_fetch(
+            database_url,
+            "SELECT status FROM parked_events WHERE event_id = $1",
+            mode_change["event_id"],
+        )
+        return str(rows[0]["status"]) if rows else None
+
+    assert await eventually(status, within=20) == "waiting"
+    consumers.recorder.wait_limit = 0.0  # as if an hour had passed
+    assert await consumers.recorder.sweep() >= 1
+    assert await status() == "parked"
+    parked = consumers.metrics.counter("switchboard_events_parked_total", "", "consumer")
+    assert parked["recorder"] >= 1
+
+
+async def test_an_event_that_fails_every_attempt_is_parked_not_retried_forever(
+    consumers: Consumers, database_url: str, workspace: Workspace, bus: Client
+) -> None:
+    # Postgres refuses a NUL in text: this event can never be recorded as it is.
+    poison = make_envelope(
+        "message.received",
+        workspace_id=workspace.id,
+        channel="sms",
+        conversation_id=new_id("conv"),
+        payload={
+            "message_id": new_id("msg"),
+            "direction": "inbound",
+            "text": "nul \x00 here",
+            "status": "received",
+            "from_number": "+14155550100",
+            "to_number": "+14155550101",
+        },
+    )
+    await store_envelope(consumers.bus.js, poison)
+    subject = conversation_events_subject(workspace.id, poison["conversation_id"])
+
+    async def parked_reason() -> str | None:
+        rows = await owner_fetch(
+            database_url,
+            "SELECT reason FROM parked_events WHERE event_id = $1 AND status = 'parked'",
+            poison["event_id"],
+        )
+        return str(rows[0]["reason"]) if rows else None
+
+    reason = await eventually(parked_reason, within=30)
+    assert "failed 3 times" in reason, (subject, reason)
