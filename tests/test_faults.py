@@ -6,6 +6,7 @@ forgetting, and an event that an earlier attempt stored longer ago than the dupl
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,15 @@ async def own_server(
         server.stop()
 
 
+class Collected(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def kill_hard(server: EmbeddedNats) -> None:
     """kill -9: no goodbye to the clients, nothing flushed."""
     assert server.process is not None
@@ -123,6 +133,8 @@ async def test_writes_during_a_bus_outage_commit_and_their_events_flow_once_in_o
     first = await client.post("/v1/messages", headers=h, json={**SMS, "text": "before"})
     conversation = first.json()["conversation_id"]
 
+    log = Collected()
+    logging.getLogger("switchboard").addHandler(log)
     kill_hard(own_nats)
     # Every kind of write succeeds while the bus is down: the row and its event commit together.
     placed = await client.post("/v1/calls", headers=h, json=CALL)
@@ -154,6 +166,11 @@ async def test_writes_during_a_bus_outage_commit_and_their_events_flow_once_in_o
 
     own_nats.start()  # same port, same store
     await eventually(lambda: _outbox_empty(database_url, workspace.id), within=30)
+    logging.getLogger("switchboard").removeHandler(log)
+    # The outage was logged as an outage (down, back), not as a traceback per retry.
+    assert not [r for r in log.records if r.exc_info], [r.getMessage() for r in log.records]
+    assert len(log.records) <= 8, [r.getMessage() for r in log.records]
+    assert any("available again" in r.getMessage() for r in log.records)
 
     new_call = await stored_events(
         own_nats.client_url, call_events_subject(workspace.id, placed.json()["id"])

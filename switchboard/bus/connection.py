@@ -16,6 +16,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError
 
 from switchboard.events import EVENTS_STREAM, EVENTS_SUBJECTS, KEY_REVOKED_SUBJECT, subject_for
+from switchboard.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,22 @@ class Bus:
 
 
 async def connect_bus(url: str, *, name: str = "switchboard") -> Bus:
+    # nats-py reports every failed reconnect attempt; an outage logs when it starts and ends,
+    # with a reminder in between, not a line a second.
+    outage = OutageLog(log, "the bus (NATS)")
+
     async def on_error(error: Exception) -> None:
-        log.warning("nats: %s", type(error).__name__)
+        if outage.down:
+            outage.failed(error)
+        else:
+            log.warning("nats: %s", type(error).__name__)
 
     async def on_disconnect() -> None:
         if not client.is_closed and not client.is_draining:
-            log.warning("nats: disconnected; reconnecting")
+            outage.failed(ConnectionError("disconnected; reconnecting"))
 
     async def on_reconnect() -> None:
-        log.info("nats: reconnected")
+        outage.recovered()
 
     client = Client()
     await client.connect(
