@@ -74,7 +74,7 @@ def serve(
 def _backends(settings: Settings) -> Iterator[tuple[str, str | None]]:
     """(database_url, nats_url or None): the configured servers, those of a running `serve` in
     --data-dir, or a Postgres started just for this command (no NATS: no replica to tell)."""
-    from switchboard.embedded import EmbeddedPostgres
+    from switchboard.embedded import EmbeddedPostgres, private_directory
     from switchboard.server import read_run_file
 
     if settings.database_url:
@@ -85,7 +85,7 @@ def _backends(settings: Settings) -> Iterator[tuple[str, str | None]]:
         yield str(running["database_url"]), settings.nats_url or str(running["nats_url"])
         return
     postgres = EmbeddedPostgres(settings.data_dir.resolve() / "postgres")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(settings.data_dir)  # as `serve` leaves it: 0700
     try:
         yield postgres.start(), settings.nats_url
     finally:
@@ -316,3 +316,52 @@ def tail_command(stream_id: str, url: str, key: str) -> None:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass
+
+
+@main.group()
+def events() -> None:
+    """See and replay events the recorder or the webhook router parked."""
+
+
+@events.command("parked")
+@click.option("--workspace", "workspace_id", required=True, help="ws_... id.")
+@click.option("--json", "as_json", is_flag=True)
+@data_dir_option
+def events_parked(workspace_id: str, as_json: bool, data_dir: Path | None) -> None:
+    """List events waiting for their call or conversation, and events given up on."""
+    from switchboard.bus import parking
+
+    async def go(database_url: str) -> list[dict[str, Any]]:
+        async with _database(database_url) as database, database.workspace(workspace_id) as conn:
+            return await parking.parked(conn)
+
+    with _backends(_settings(data_dir=data_dir)) as (database_url, _nats):
+        rows = _run(go(database_url))
+    if as_json:
+        _print_json(rows)
+        return
+    for row in rows:
+        click.echo(
+            f"{row['event_id']}  {row['status']:<7}  {row['event_type']:<26}  {row['consumer']}"
+            f"  {row['reason']}"
+        )
+
+
+@events.command("replay")
+@click.argument("event_id")
+@click.option("--workspace", "workspace_id", required=True, help="ws_... id.")
+@data_dir_option
+def events_replay(event_id: str, workspace_id: str, data_dir: Path | None) -> None:
+    """Apply a parked event again, through the consumer that parked it."""
+    from switchboard.bus.replay import replay
+
+    async def go(database_url: str) -> list[tuple[str, str]]:
+        async with _database(database_url) as database:
+            return await replay(database, workspace_id, event_id)
+
+    with _backends(_settings(data_dir=data_dir)) as (database_url, _nats):
+        outcomes = _run(go(database_url))
+    if not outcomes:
+        raise click.ClickException(f"no parked event {event_id} in {workspace_id}")
+    for consumer, outcome in outcomes:
+        click.echo(f"{event_id}  {consumer}: {outcome}")

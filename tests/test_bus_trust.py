@@ -6,6 +6,10 @@ not appeared waits without holding up the bus, is applied when that one appears,
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -94,6 +98,20 @@ async def owner_fetch(database_url: str, query: str, *args: Any) -> list[asyncpg
         return list(await conn.fetch(query, *args))
     finally:
         await conn.close()
+
+
+async def events_cli(database_url: str, *args: str) -> str:
+    """`switchboard events ...` as an operator runs it; its stdout."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "switchboard", "events", *args],
+        env={**os.environ, "SWITCHBOARD_DATABASE_URL": database_url},
+        capture_output=True,
+        check=True,
+        timeout=60,
+        text=True,
+    )
+    return done.stdout
 
 
 async def recorded_call(database_url: str, call_id: str) -> asyncpg.Record | None:
@@ -211,6 +229,32 @@ async def test_an_event_whose_conversation_never_appears_is_parked_and_replayabl
     assert await status() == "parked"
     parked = consumers.metrics.counter("switchboard_events_parked_total", "", "consumer")
     assert parked["recorder"] >= 1
+
+    # An operator sees it, makes the conversation appear, and replays it.
+    listed = await events_cli(database_url, "parked", "--workspace", workspace.id, "--json")
+    assert mode_change["event_id"] in [e["event_id"] for e in orjson.loads(listed)]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """INSERT INTO conversations (id, workspace_id, channel, customer_number,
+                                          business_number)
+               VALUES ($1, $2, 'sms', '+14155550100', '+14155550101')""",
+            conversation,
+            workspace.id,
+        )
+    finally:
+        await conn.close()
+    replayed = await events_cli(
+        database_url, "replay", mode_change["event_id"], "--workspace", workspace.id
+    )
+    assert "recorder: applied" in replayed
+    assert await status() is None
+    changes = await owner_fetch(
+        database_url,
+        "SELECT to_mode FROM conversation_mode_changes WHERE event_id = $1",
+        mode_change["event_id"],
+    )
+    assert [c["to_mode"] for c in changes] == ["human"]
 
 
 async def test_an_event_that_fails_every_attempt_is_parked_not_retried_forever(
