@@ -31,6 +31,7 @@ from switchboard.webhooks.schedule import DELAYS, JITTER, WINDOW, next_attempt
 from switchboard.webhooks.sender import Sender
 from tests.harness import ServerThread, Workspace
 from tests.receiver import Receiver
+from tests.test_webhook_safety import Rebinding
 
 
 class Clock:
@@ -481,3 +482,30 @@ async def test_a_disabled_endpoint_is_not_attempted_until_enabled(
     )
     await drain(sender)
     await asyncio.to_thread(receiver.wait_for, 1)
+
+
+# --- the address that was checked -----------------------------------------------------------
+
+
+async def test_a_delivery_goes_to_the_address_the_sender_checked(
+    client: httpx.AsyncClient,
+    workspace: Workspace,
+    bus: Client,
+    router: WebhookRouter,
+    make_sender: Callable[..., Any],
+    receiver: Receiver,
+) -> None:
+    """The sender resolves through its injected resolver once per attempt and connects to that
+    answer: a name answering 127.0.0.1 (the receiver), then ::1, gets the POST on 127.0.0.1."""
+    name = "hooks.rebind.test"
+    resolver = Rebinding(["127.0.0.1"])
+    hook = await create_hook(client, workspace, f"http://{name}:{receiver.port}/hook")
+    await publish(bus, workspace, 1)
+    await pending_deliveries(client, workspace, hook["id"], 1)
+    sender = await make_sender(resolve=resolver)
+    await drain(sender)
+    [got] = await asyncio.to_thread(receiver.wait_for, 1)
+    assert got.headers["Host"] == f"{name}:{receiver.port}"
+    assert resolver.questions == [(name, receiver.port)]
+    [delivery] = await pending_deliveries(client, workspace, hook["id"], 1)
+    assert delivery["status"] == "succeeded"

@@ -1,7 +1,8 @@
 """Webhook senders: lease due deliveries (any number of senders, `FOR UPDATE SKIP LOCKED`),
 POST them signed, record every attempt, and schedule the next one. One slow or dead receiver
 never delays the others: each endpoint has at most `per_endpoint` attempts in flight, and a
-busy endpoint's deliveries are not even leased until a slot frees up."""
+busy endpoint's deliveries are not even leased until a slot frees up. Each POST goes to an
+address its URL's host resolved to and that was checked just before (see safety)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ import httpx
 
 from switchboard.db import Database
 from switchboard.ids import utc_now
-from switchboard.webhooks.safety import UnsafeUrl, check_url
+from switchboard.webhooks.safety import (
+    IPAddress,
+    Resolver,
+    UnsafeUrl,
+    WebhookUrl,
+    check_shape,
+    checked_addresses,
+    resolve_host,
+)
 from switchboard.webhooks.schedule import next_attempt
 from switchboard.webhooks.signing import delivery_headers
 
@@ -59,20 +68,16 @@ async def post_signed(
     headers: dict[str, str],
     allow_private: bool,
     now: datetime,
+    resolve: Resolver = resolve_host,
 ) -> AttemptOutcome:
-    """One POST of a signed body: the URL checked again, no redirects (the client's setting),
-    at most MAX_RESPONSE_BYTES of the answer read. Never raises for the receiver's faults."""
+    """One POST of a signed body: the host resolved once (by `resolve`), every address checked,
+    the request sent to a checked address, no redirects (the client's setting), at most
+    MAX_RESPONSE_BYTES of the answer read. Never raises for the receiver's faults."""
     started = time.perf_counter()
     try:
-        await check_url(url, allow_private)
-        async with http.stream("POST", url, content=body, headers=headers) as response:
-            read = 0
-            async for chunk in response.aiter_raw():
-                read += len(chunk)
-                if read >= MAX_RESPONSE_BYTES:
-                    break
-            status = response.status_code
-            retry_after = retry_after_of(response.headers.get("retry-after"), now)
+        target = check_shape(url)
+        addresses = await checked_addresses(target, allow_private, resolve)
+        status, retry_after = await _post_to_first(http, target, addresses, body, headers, now)
     except UnsafeUrl as unsafe:
         return AttemptOutcome(False, None, 0.0, f"refused: {unsafe}", None)
     except httpx.TimeoutException:
@@ -81,6 +86,53 @@ async def post_signed(
     except httpx.HTTPError as failure:
         return AttemptOutcome(False, None, _ms(started), f"{type(failure).__name__}", None)
     return AttemptOutcome(200 <= status < 300, status, _ms(started), None, retry_after)
+
+
+async def _post_to_first(
+    http: httpx.AsyncClient,
+    target: WebhookUrl,
+    addresses: list[IPAddress],
+    body: bytes,
+    headers: dict[str, str],
+    now: datetime,
+) -> tuple[int, timedelta | None]:
+    """(status, Retry-After) from the first address that takes the connection: a dual-stack
+    host may be unreachable over one family. Only a failed connect moves on, so nothing is
+    ever sent twice."""
+    for address in addresses[:-1]:
+        with contextlib.suppress(httpx.ConnectError):
+            return await _post_to(http, target, address, body, headers, now)
+    return await _post_to(http, target, addresses[-1], body, headers, now)
+
+
+async def _post_to(
+    http: httpx.AsyncClient,
+    target: WebhookUrl,
+    address: IPAddress,
+    body: bytes,
+    headers: dict[str, str],
+    now: datetime,
+) -> tuple[int, timedelta | None]:
+    """POSTs to `address` as if connected by name: the URL's Host header, and over TLS its
+    name for SNI and for checking the certificate (httpcore's `sni_hostname` extension)."""
+    headers = {**headers, "Host": target.host_header}
+    extensions: dict[str, str] = {}
+    if target.url.scheme == "https":
+        extensions["sni_hostname"] = target.host
+        # The client pools connections by the address in the URL, not by the TLS name: a kept
+        # connection could carry another host's request over a TLS session that was verified
+        # for this one. So a TLS connection serves one attempt.
+        headers["Connection"] = "close"
+    request = http.stream(
+        "POST", target.at(address), content=body, headers=headers, extensions=extensions
+    )
+    async with request as response:
+        read = 0
+        async for chunk in response.aiter_raw():
+            read += len(chunk)
+            if read >= MAX_RESPONSE_BYTES:
+                break
+        return response.status_code, retry_after_of(response.headers.get("retry-after"), now)
 
 
 class Sender:
@@ -95,9 +147,11 @@ class Sender:
         rng: random.Random | None = None,
         poll_interval: float = 0.5,
         attempt_timeout: float = ATTEMPT_TIMEOUT,
+        resolve: Resolver = resolve_host,
     ) -> None:
         self.database = database
         self.allow_private = allow_private
+        self.resolve = resolve
         self.per_endpoint = per_endpoint
         self.max_in_flight = max_in_flight
         self.clock = clock
@@ -186,7 +240,9 @@ class Sender:
             secrets_in_use.append(row["previous_secret"])
         body = bytes(row["body"])
         headers = delivery_headers(secrets_in_use, row["event_id"], int(now.timestamp()), body)
-        return await post_signed(self.http, row["url"], body, headers, self.allow_private, now)
+        return await post_signed(
+            self.http, row["url"], body, headers, self.allow_private, now, self.resolve
+        )
 
     async def record(self, row: Any, outcome: AttemptOutcome) -> None:
         now = self.clock()
