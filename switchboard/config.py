@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ class Settings:
     key_cache_ttl: float = 60.0
     # Seconds that shutdown waits for open requests before it cuts them.
     shutdown_grace: float = 5.0
+    # The application role's password; unset, a random one kept in the database is used.
+    app_role_password: str | None = field(default=None, repr=False)
 
     @property
     def embedded_database(self) -> bool:

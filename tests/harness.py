@@ -19,7 +19,7 @@ import asyncpg
 from switchboard.api.app import create_app
 from switchboard.api.deps import Services
 from switchboard.config import Settings
-from switchboard.db.database import app_role_url
+from switchboard.db.database import stored_app_role_url
 from switchboard.server import (
     GatewayServer,
     bind_socket,
@@ -73,7 +73,7 @@ class Workspace:
 
 
 async def new_workspace(database_url: str, name: str = "test") -> Workspace:
-    conn = await asyncpg.connect(app_role_url(database_url))
+    conn = await asyncpg.connect(await stored_app_role_url(database_url))
     try:
         async with conn.transaction():
             workspace_id, key = await create_workspace(conn, name)
