@@ -68,8 +68,10 @@ def start_backends(settings: Settings) -> Backends:
     backends = Backends(settings.database_url or "", settings.nats_url or "")
     if settings.database_url and settings.nats_url:
         return backends
-    data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    from switchboard.embedded import private_directory
+
+    # 0700: it holds the servers' credentials, and nothing above it is ours to open up.
+    data_dir = private_directory(settings.data_dir.resolve())
     try:
         if not settings.database_url:
             postgres = EmbeddedPostgres(data_dir / "postgres")
@@ -255,19 +257,35 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     )
 
 
-def banner(url: str, api_key: str | None) -> str:
+def banner(url: str, api_key: str | None, backends: Backends | None = None) -> str:
+    """What `serve` prints once it listens. Secrets appear only when they exist nowhere else:
+    the new API key, once. The NATS token stays in its 0600 file, named here, so the banner can
+    be pasted or logged."""
+    from switchboard.embedded import without_credentials
+
     key_line = (
         f"  API key:    {api_key}\n              (shown once: it is stored only as a hash)\n"
         if api_key
         else "  API key:    the one printed at first start, or make one with "
         "`switchboard keys create --workspace ws_...`\n"
     )
+    nats_line = ""
+    if backends is not None:
+        embedded = [server for server in backends.owned if isinstance(server, EmbeddedNats)]
+        if embedded:
+            nats_line = (
+                f"  NATS:       {embedded[0].public_url}  (for producers; the same at every "
+                f"start)\n              token in {embedded[0].token_path}\n"
+            )
+        else:
+            nats_line = f"  NATS:       {without_credentials(backends.nats_url)}\n"
     example = api_key or "<key>"
     return (
         f"\nSwitchboard {__version__} is ready\n"
         f"  URL:        {url}\n"
         f"  Dashboard:  {url}/\n"
         f"  API docs:   {url}/docs  (OpenAPI at {url}/openapi.json)\n"
+        f"{nats_line}"
         f"{key_line}"
         f'  Try:        curl -H "Authorization: Bearer {example}" {url}/v1/workspace\n'
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import nats
 import orjson
 import psutil
 import pytest
@@ -137,6 +139,13 @@ def test_sigkill_leaves_no_orphans(data_dir: Path) -> None:
     stop_and_assert_nothing_left(serve, signal.SIGKILL)
 
 
+def uses(process: psutil.Process, data_dir: Path) -> bool:
+    """Whether a process works on `data_dir`: named on its command line, or (Postgres as root,
+    which reaches its data through its working directory) running inside it."""
+    cmdline = " ".join(process.info["cmdline"] or [])
+    return str(data_dir) in cmdline or (process.info["cwd"] or "").startswith(str(data_dir))
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "switchboard", *args],
@@ -154,11 +163,7 @@ def test_admin_cli_with_and_without_a_running_server(data_dir: Path) -> None:
     created = orjson.loads(made.stdout)
     assert created["workspace_id"].startswith("ws_")
     assert created["api_key"].startswith("pk_live_")
-    assert not [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if str(data_dir) in " ".join(p.info["cmdline"] or [])
-    ]
+    assert not [p for p in psutil.process_iter(["cmdline", "cwd"]) if uses(p, data_dir)]
 
     serve = start_serve(data_dir)
     try:
@@ -225,3 +230,46 @@ def test_demo_mode_streams_live_calls_right_after_install(data_dir: Path) -> Non
         assert calls[0]["direction"] == "inbound"
     finally:
         stop_and_assert_nothing_left(serve, signal.SIGTERM)
+
+
+def nats_line(serve: Serve) -> tuple[str, Path]:
+    """(the NATS URL, the token file) that the banner tells producers to use."""
+    text = "".join(serve.banner)
+    url = re.search(r"NATS:\s+(nats://\S+)", text)
+    token_file = re.search(r"token in (\S+)", text)
+    assert url and token_file, text
+    return url.group(1), Path(token_file.group(1))
+
+
+async def producer_connects(url: str, token: str) -> None:
+    producer = await nats.connect(url, token=token, allow_reconnect=False)
+    await producer.flush()
+    await producer.close()
+
+
+async def test_the_banner_gives_producers_a_nats_url_that_survives_restarts(tmp_path: Path) -> None:
+    home = tmp_path / "home"  # a home directory: 0700, and it must stay so
+    home.mkdir(mode=0o700)
+    data_dir = home / ".switchboard"
+    serve = start_serve(data_dir)
+    try:
+        url, token_file = nats_line(serve)
+        token = token_file.read_text().strip()
+        assert token_file.parent.parent == data_dir.resolve()
+        assert token not in url
+        await producer_connects(url, token)
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+        for private in (token_file, *data_dir.glob("*/*.log"), data_dir / "run.json"):
+            assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    finally:
+        stop_and_assert_nothing_left(serve, signal.SIGTERM)
+
+    again = start_serve(data_dir)
+    try:
+        assert nats_line(again) == (url, token_file)
+        await producer_connects(url, token)
+    finally:
+        stop_and_assert_nothing_left(again, signal.SIGTERM)
+    for output in (serve, again):
+        assert token not in "".join(output.banner + output.stderr)
