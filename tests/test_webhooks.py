@@ -6,15 +6,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -22,14 +27,14 @@ from nats.aio.client import Client
 from standardwebhooks import Webhook
 
 from switchboard.bus import connect_bus
-from switchboard.db import connect_database
+from switchboard.db import Database, connect_database
 from switchboard.ids import utc_now
 from switchboard.producer import Producer
 from switchboard.webhooks.router import WebhookRouter
 from switchboard.webhooks.safety import UnsafeUrl, check_shape, is_public
 from switchboard.webhooks.schedule import DELAYS, JITTER, WINDOW, next_attempt
 from switchboard.webhooks.sender import Sender
-from tests.harness import ServerThread, Workspace
+from tests.harness import ServerThread, Workspace, eventually
 from tests.receiver import Receiver
 from tests.test_webhook_safety import Rebinding
 
@@ -509,3 +514,167 @@ async def test_a_delivery_goes_to_the_address_the_sender_checked(
     assert resolver.questions == [(name, receiver.port)]
     [delivery] = await pending_deliveries(client, workspace, hook["id"], 1)
     assert delivery["status"] == "succeeded"
+
+
+# --- outages ----------------------------------------------------------------------------------
+
+
+class Cable:
+    """A TCP hop in front of the real Postgres that a test can cut and mend: what an outage
+    looks like from a client (its connections drop, new ones are closed at once), without
+    stopping the Postgres every other test shares. Counts the connections it turned away."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.cut = False
+        self.turned_away = 0
+        self._links: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> Cable:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, database_url: str) -> str:
+        parts = urlsplit(database_url)
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def sever(self) -> None:
+        self.cut = True
+        for writer in self._links:
+            writer.transport.abort()
+        self._links.clear()
+
+    def mend(self) -> None:
+        self.cut = False
+
+    async def stop(self) -> None:
+        self.sever()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut:
+            self.turned_away += 1
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._links |= {writer, up_writer}
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.transport.abort()
+
+
+@pytest.fixture
+async def cable(database_url: str) -> AsyncIterator[Cable]:
+    running = await Cable(urlsplit(database_url).port or 5432).start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def database_via_cable(cable: Cable, database_url: str) -> AsyncIterator[Database]:
+    """A pool through the cable. As the owner: connect_database would also prepare the database
+    (the application role's password among it), which is the serving path's business, not this
+    test's; the sender's queries read the same either way."""
+    pool = await asyncpg.create_pool(cable.url(database_url), min_size=1, max_size=2)
+    yield Database(pool, b"")
+    await pool.close()
+
+
+async def test_a_database_outage_logs_one_line_not_a_traceback_per_iteration(
+    cable: Cable, database_via_cable: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    sender = Sender(database_via_cable, poll_interval=0.01)
+    caplog.set_level(logging.INFO, logger="switchboard.webhooks.sender")
+    try:
+        await sender.start()
+        cable.sever()
+        await eventually(lambda: cable.turned_away >= 20)  # 20 iterations failed
+        lines = [r for r in caplog.records if r.name == "switchboard.webhooks.sender"]
+        assert [r.getMessage() for r in lines] == [
+            lines[0].getMessage()
+        ] and "unavailable" in lines[0].getMessage(), [r.getMessage() for r in lines]
+        assert all(r.exc_info is None for r in lines)
+        cable.mend()
+        await eventually(lambda: any("available again" in r.getMessage() for r in caplog.records))
+    finally:
+        await sender.stop()
+
+
+class HeldReceiver:
+    """A receiver on 127.0.0.1 that holds each request until released, and says when one has
+    arrived: so a test can act while an attempt is in flight."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        held = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                held.arrived.set()
+                held.release.wait(10)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_an_outage_during_an_attempt_logs_one_line_and_keeps_the_delivery(
+    client: httpx.AsyncClient,
+    workspace: Workspace,
+    bus: Client,
+    router: WebhookRouter,
+    cable: Cable,
+    database_via_cable: Database,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The POST went out but its attempt cannot be recorded: the failure is logged once (the
+    task that hit it has nobody awaiting it), and the delivery stays leased, to be retried."""
+    held = HeldReceiver()
+    sender = Sender(database_via_cable, allow_private=True)
+    caplog.set_level(logging.INFO, logger="switchboard.webhooks.sender")
+    try:
+        hook = await create_hook(client, workspace, held.url)
+        await publish(bus, workspace, 1)
+        await pending_deliveries(client, workspace, hook["id"], 1)
+        assert await sender.run_once() >= 1  # ours, and any due delivery of an earlier test
+        assert await asyncio.to_thread(held.arrived.wait, 10)
+        cable.sever()
+        held.release.set()
+        await sender.wait_idle()
+        lines = [r for r in caplog.records if r.name == "switchboard.webhooks.sender"]
+        assert len(lines) == 1 and "unavailable" in lines[0].getMessage(), lines
+        assert lines[0].exc_info is None
+        [delivery] = await pending_deliveries(client, workspace, hook["id"], 1)
+        assert delivery["status"] == "pending" and delivery["attempts"] == []
+    finally:
+        held.stop()
+        await sender.stop()

@@ -21,6 +21,7 @@ import httpx
 
 from switchboard.db import Database
 from switchboard.ids import utc_now
+from switchboard.outage import OutageLog, unavailable_dependency
 from switchboard.webhooks.safety import (
     IPAddress,
     Resolver,
@@ -161,6 +162,9 @@ class Sender:
         self._in_flight: dict[str, int] = {}  # endpoint_id -> attempts running
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        # A Postgres outage fails every lease and every record: one line when it starts, one
+        # when it ends, a reminder in between, instead of a traceback per iteration.
+        self.outage = OutageLog(log, "webhook sender: database")
 
     async def start(self) -> None:
         self._loop = asyncio.create_task(self._run())
@@ -178,11 +182,19 @@ class Sender:
         while True:
             try:
                 started = await self.run_once()
-            except Exception:
-                log.warning("webhook sender: claiming failed; retrying", exc_info=True)
+            except Exception as error:
+                self._failed(error, "leasing deliveries")
                 started = 0
+            else:
+                self.outage.recovered()
             if not started:
                 await asyncio.sleep(self.poll_interval)
+
+    def _failed(self, error: Exception, doing: str) -> None:
+        if unavailable_dependency(error) == "database":
+            self.outage.failed(error)
+        else:  # a bug: worth its traceback
+            log.exception("webhook sender: %s failed; retrying", doing)
 
     async def run_once(self) -> int:
         """Leases what is due and can start now, starts those attempts; returns how many."""
@@ -199,7 +211,7 @@ class Sender:
                 busy,
             )
         for row in leased:
-            task = asyncio.create_task(self.deliver(row["delivery_id"], row["workspace_id"]))
+            task = asyncio.create_task(self._deliver(row["delivery_id"], row["workspace_id"]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return len(leased)
@@ -208,6 +220,15 @@ class Sender:
         """Until the attempts started so far have finished (for tests and shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _deliver(self, delivery_id: str, workspace_id: str) -> None:
+        """`deliver` as a task of its own: its failure is logged here, since nobody awaits it.
+        A delivery that could not be read or recorded keeps its lease and is tried again once
+        the lease ends."""
+        try:
+            await self.deliver(delivery_id, workspace_id)
+        except Exception as error:
+            self._failed(error, f"delivery {delivery_id}")
 
     async def deliver(self, delivery_id: str, workspace_id: str) -> None:
         async with self.database.workspace(workspace_id) as conn:
