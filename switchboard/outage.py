@@ -4,6 +4,7 @@ rate-limited reminder in between, instead of one traceback per event per retry."
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,20 @@ _BUS_ERRORS: tuple[type[BaseException], ...] = (
     nats.js.errors.ServiceUnavailableError,
 )
 
+# A server that is gone or cut off, as the socket layer says it (an OSError with one of these
+# codes); other OSErrors, a missing file say, are bugs and must stay 500s.
+_UNREACHABLE = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+    }
+)
+
 REMIND_EVERY = 30.0  # seconds between "still down" lines
 
 
@@ -42,6 +57,8 @@ def unavailable_dependency(error: BaseException) -> str | None:
     if isinstance(error, (BusUnavailable, *_BUS_ERRORS)):
         return "bus"
     if isinstance(error, _DATABASE_ERRORS):
+        return "database"
+    if isinstance(error, OSError) and error.errno in _UNREACHABLE:
         return "database"
     return None
 

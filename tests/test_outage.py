@@ -4,6 +4,7 @@ count as an outage at all."""
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import asyncpg
@@ -34,5 +35,7 @@ def test_only_dependency_errors_count_as_outages() -> None:
     assert unavailable_dependency(ConnectionRefusedError()) == "database"
     assert unavailable_dependency(asyncpg.CannotConnectNowError("starting")) == "database"
     assert unavailable_dependency(BusUnavailable("no ack")) == "bus"
+    assert unavailable_dependency(OSError(errno.EHOSTUNREACH, "No route to host")) == "database"
+    assert unavailable_dependency(FileNotFoundError(errno.ENOENT, "gone")) is None
     assert unavailable_dependency(ValueError("a bug")) is None
     assert unavailable_dependency(asyncpg.UniqueViolationError("dup")) is None
