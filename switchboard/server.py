@@ -115,7 +115,7 @@ def read_run_file(data_dir: Path) -> dict[str, Any] | None:
 
 
 async def open_services(settings: Settings, database_url: str, nats_url: str) -> Services:
-    database = await connect_database(database_url)
+    database = await connect_database(database_url, app_role_password=settings.app_role_password)
     try:
         bus = await connect_bus(nats_url)
     except BaseException:
@@ -328,7 +328,7 @@ async def run_server(
 
         # The socket is already listening, so a client that reads this banner and connects at
         # once waits in the backlog for the first accept rather than being refused.
-        announce(banner(url, api_key))
+        announce(banner(url, api_key, backends))
         sys.stdout.flush()
         try:
             await server.serve(sockets=[sock])

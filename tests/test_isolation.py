@@ -9,7 +9,7 @@ import asyncpg
 import httpx
 import pytest
 
-from switchboard.db.database import APP_ROLE, app_role_url
+from switchboard.db.database import APP_ROLE, stored_app_role_url
 from switchboard.ids import new_id
 from tests.harness import ServerThread, Workspace, insert_turn
 from tests.routes import fill, routes
@@ -138,7 +138,7 @@ async def test_the_application_role_sees_nothing_without_a_workspace_and_one_wit
     await populate(client, workspace, database_url)
     await populate(client, other_workspace, database_url)
     owner = await asyncpg.connect(database_url)
-    app = await asyncpg.connect(app_role_url(database_url))
+    app = await asyncpg.connect(await stored_app_role_url(database_url))
     try:
         for table in TABLES:
             column = "id" if table == "workspaces" else "workspace_id"
@@ -163,7 +163,7 @@ async def test_the_application_role_sees_nothing_without_a_workspace_and_one_wit
 async def test_the_application_role_cannot_write_into_another_workspace_or_bypass_rls(
     database_url: str, workspace: Workspace, other_workspace: Workspace
 ) -> None:
-    app = await asyncpg.connect(app_role_url(database_url))
+    app = await asyncpg.connect(await stored_app_role_url(database_url))
     owner = await asyncpg.connect(database_url)
     try:
         role = await owner.fetchrow(

@@ -17,7 +17,7 @@ from switchboard.auth.keys import (
 )
 from switchboard.auth.policy import query_tokens
 from switchboard.config import Settings, SettingsError, load_settings
-from switchboard.db.database import app_role_password, app_role_url
+from switchboard.db.database import app_role_url
 from switchboard.events import EventError, check_envelope, make_envelope, subject_for
 from switchboard.ids import is_id, iso_ms, new_id, parse_iso
 from switchboard.logs import RedactingFilter, redact
@@ -81,14 +81,10 @@ def test_keys_are_long_random_and_parsed_strictly() -> None:
     assert query_tokens(b"tokens=1") == []
 
 
-def test_app_role_password_is_derived_from_the_owner_credentials() -> None:
-    a = "postgresql://owner:secret@db:5432/one"
-    assert app_role_password(a) == app_role_password("postgresql://owner:secret@db:5432/two")
-    assert app_role_password(a) != app_role_password("postgresql://owner:other@db:5432/one")
-    url = app_role_url(a + "?sslmode=require")
-    assert url.startswith("postgresql://switchboard_app:") and url.endswith(
-        "@db:5432/one?sslmode=require"
-    )
+def test_the_app_role_url_swaps_in_the_role_and_its_escaped_password() -> None:
+    owner = "postgresql://owner:secret@db:5432/one?sslmode=require"
+    url = app_role_url(owner, "p@ss/word")
+    assert url == "postgresql://switchboard_app:p%40ss%2Fword@db:5432/one?sslmode=require"
     assert "secret" not in url
 
 
