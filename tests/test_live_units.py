@@ -104,6 +104,9 @@ def test_command_parser_never_raises() -> None:
         ('{"action":"send_dtmf","digits":"E","request_id":"r"}', "r"),
         ('{"action":"hangup","request_id":"r"}', "r"),
         ('{"action":"send_dtmf","digits":1,"request_id":"r"}', "r"),
+        # `$` matches before a final newline; the digits must be matched whole.
+        ('{"action":"send_dtmf","digits":"12\\n","request_id":"r"}', "r"),
+        ('{"action":"send_dtmf","digits":"\\n12","request_id":"r"}', "r"),
     ):
         result = parse_command(text)
         assert isinstance(result, CommandError) and result.request_id == request_id, text

@@ -80,7 +80,8 @@ _WS_CLOSES = {
 
 # --- WebSocket commands (client to server) ---------------------------------------------------
 
-DTMF_DIGITS = re.compile(r"^[0-9*#A-D]{1,32}$")
+# Matched with fullmatch: `$` would also match before a final "\n", letting "12\n" through.
+DTMF_DIGITS = re.compile(r"[0-9*#A-D]{1,32}")
 MAX_REQUEST_ID = 128
 
 
@@ -114,7 +115,7 @@ def parse_command(text: str) -> SendDtmf | CommandError:
     if action != "send_dtmf":
         return CommandError(request_id, "INVALID_ARGUMENT", f"Unknown action {action!r}.")
     digits = message.get("digits")
-    if not isinstance(digits, str) or not DTMF_DIGITS.match(digits):
+    if not isinstance(digits, str) or not DTMF_DIGITS.fullmatch(digits):
         return CommandError(
             request_id, "INVALID_ARGUMENT", "digits must be 1 to 32 of 0-9, *, #, A-D."
         )
