@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 
 from switchboard.live.frames import (
@@ -16,6 +18,7 @@ from switchboard.live.frames import (
 from switchboard.live.hub import View, encode
 from switchboard.live.metrics import Metrics
 from switchboard.live.outbox import Outbox
+from switchboard.live.ratelimit import TokenBucket
 from switchboard.live.registry import StreamRegistry
 
 
@@ -117,3 +120,53 @@ def test_command_parser_never_raises() -> None:
         "error_code": "UNAVAILABLE",
         "message": "no",
     }
+
+
+async def test_ticker_hangs_up_a_stream_whose_write_waited_two_heartbeat_intervals() -> None:
+    registry = StreamRegistry(Metrics(), heartbeat_interval=10)
+    hung_up: list[str] = []
+    sse, ws, idle = Outbox(4), Outbox(4), Outbox(4)
+    registry.add(sse, "transcript_sse", "k", heartbeats=True, hang_up=lambda: hung_up.append("s"))
+    registry.add(ws, "call_websocket", "k", hang_up=lambda: hung_up.append("w"))
+    registry.add(idle, "call_websocket", "k", hang_up=lambda: hung_up.append("i"))
+    start = sse.last_write
+    sse.writing_since = ws.writing_since = start
+    registry.tick(start + 19.9, 0.0)
+    assert hung_up == [] and not sse.aborted
+    ws.writing_since = None  # that write finished: the client is reading, slowly
+    registry.tick(start + 20.0, 0.0)
+    assert hung_up == ["s"] and sse.aborted and not ws.aborted and not idle.aborted
+    registry.tick(start + 30.0, 0.0)
+    assert hung_up == ["s"]  # once: the stream is unwinding
+    assert registry.stalled == {"transcript_sse": 1}
+    assert 'switchboard_streams_stalled_total{kind="transcript_sse"} 1' in (
+        registry.metrics.render()
+    )
+
+
+def test_token_bucket_allows_a_burst_then_its_rate() -> None:
+    bucket = TokenBucket(rate=10, burst=20, now=100.0)
+    assert [bucket.take(100.0) for _ in range(21)] == [True] * 20 + [False]
+    assert bucket.take(100.05) is False  # half a token
+    assert [bucket.take(100.25) for _ in range(3)] == [True, True, False]  # 2.5 tokens
+    assert [bucket.take(200.0) for _ in range(21)] == [True] * 20 + [False]  # full, not more
+    assert bucket.take(150.0) is False  # a clock that went backwards adds nothing
+
+
+async def test_replies_owed_to_a_client_are_bounded_by_not_reading_its_commands() -> None:
+    box = Outbox(2)
+    box.push_priority("r1")
+    await asyncio.wait_for(box.reply_room(), 1)
+    box.push_priority("r2")
+    waiting = asyncio.ensure_future(box.reply_room())
+    await asyncio.sleep(0)
+    assert not waiting.done()  # two replies queued: the reader holds the next command
+    assert await box.next() == "r1"
+    await asyncio.wait_for(waiting, 1)
+    box.push_priority("r3")
+    assert box.take_priority() == ["r2", "r3"]
+    await asyncio.wait_for(box.reply_room(), 1)
+    box.push_priority("r4")
+    box.push_priority("r5")
+    box.abort()
+    await asyncio.wait_for(box.reply_room(), 1)  # an aborted outbox never holds a reader

@@ -1,12 +1,14 @@
 """What the three stream endpoints share: their services, their kind for metrics, the drop
-counter of their outboxes, and the check of the id in their path."""
+counter of their outboxes, the check of the id in their path, and the means to notice and cut
+off a client that has stopped reading."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from starlette.types import Scope, Send
+from starlette.types import Message, Scope, Send
 
 from switchboard.api.deps import Services
 from switchboard.api.responses import send_error
@@ -52,3 +54,40 @@ class StreamEndpoint:
         message = f"{name}: must be an id of the form {prefix}_..."
         await send_error(scope, send, ApiError("INVALID_ARGUMENT", message))
         return None
+
+
+def timed_send(send: Send, outbox: Outbox) -> Send:
+    """The stream's `send`, noting in the outbox when a write began and whether it is still
+    waiting: the server's send waits for the socket to drain, which never happens when the
+    client has stopped reading, so only the registry's ticker, outside, can notice."""
+    clock = asyncio.get_running_loop().time
+
+    async def send_timed(message: Message) -> None:
+        outbox.writing_since = clock()
+        try:
+            await send(message)
+        finally:
+            outbox.writing_since = None
+            outbox.last_write = clock()
+
+    return send_timed
+
+
+def hang_up_of_this_connection() -> Callable[[], object]:
+    """How to drop the current request's connection at once, from outside its writer.
+
+    ASGI has no message for it: a close or a final body is queued behind the bytes the client
+    is not reading, and a graceful close waits for them too. uvicorn runs each request in a
+    task whose coroutine is `run_asgi` of the object that owns the connection's transport (the
+    HTTP cycle, the WebSocket protocol), whatever middleware wraps `receive` and `send`; that
+    transport is aborted: its buffers are discarded, the socket is closed, and the pending
+    `send` returns. Under a server that does not look like that, the stream's task is
+    cancelled instead, which frees everything of ours but leaves the socket to the server."""
+    task = asyncio.current_task()
+    assert task is not None  # called from the stream's own task
+    frame = getattr(task.get_coro(), "cr_frame", None)
+    owner = None if frame is None else frame.f_locals.get("self")
+    abort = getattr(getattr(owner, "transport", None), "abort", None)
+    if callable(abort):
+        return abort  # type: ignore[no-any-return]
+    return task.cancel

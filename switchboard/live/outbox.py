@@ -1,8 +1,9 @@
 """A bounded, never-blocking queue of wire frames for one client, drained by its writer task.
 
 The bus side calls `offer` and never waits: a full outbox drops the new frame and counts it.
-Replies to the client's own commands and the terminal frame bypass the bound (they are few and
-must not be lost), so a stalled client can still be told why its stream ended."""
+Replies to the client's own commands and the terminal frame bypass the bound (they must not be
+lost), so a stalled client can still be told why its stream ended; replies have a bound of their
+own, which the WebSocket keeps by not reading the client's next command until there is room."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ class Outbox:
         # reads it to decide when an idle SSE stream is owed a heartbeat.
         self.last_write = 0.0
         self.heartbeat_due = False
+        # Loop time at which the writer's current `send` began; None between sends. The
+        # server's send waits for the socket to drain, forever if the client reads nothing, so
+        # the ticker reads this to find clients that have stopped accepting bytes.
+        self.writing_since: float | None = None
+        self._reply_room = asyncio.Event()
+        self._reply_room.set()
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -40,8 +47,8 @@ class Outbox:
         return self._terminal
 
     def offer(self, frame: Frame) -> bool:
-        """Queues a frame unless the outbox is full or ended; never blocks."""
-        if self._terminal is not None:
+        """Queues a frame unless the outbox is full, ended or aborted; never blocks."""
+        if self._terminal is not None or self.aborted:
             return False
         if len(self._frames) >= self.capacity:
             self.dropped += 1
@@ -56,9 +63,22 @@ class Outbox:
         self._ready.set()
 
     def push_priority(self, frame: Frame) -> None:
-        """A reply to this client's own command: ahead of the stream, outside the bound."""
+        """A reply to this client's own command: ahead of the stream, outside the frame bound.
+        Replies have their own bound, kept by the reader (see `reply_room`)."""
         self._priority.append(frame)
+        if len(self._priority) >= self.capacity:
+            self._reply_room.clear()
         self._ready.set()
+
+    async def reply_room(self) -> None:
+        """Returns once fewer than `capacity` replies are queued, or the outbox was aborted. A
+        client that sends commands but reads nothing is then held back by TCP (its commands
+        stay unread) instead of growing the replies owed to it."""
+        await self._reply_room.wait()
+
+    def _replies_taken(self) -> None:
+        if len(self._priority) < self.capacity:
+            self._reply_room.set()
 
     def end(self, terminal: Terminal) -> None:
         """Ends the stream after what is already queued; the first ending wins."""
@@ -76,11 +96,14 @@ class Outbox:
         """The client is gone: wake the writer so it stops and releases everything at once."""
         self.aborted = True
         self._frames.clear()
+        self._priority.clear()
         self._ready.set()
+        self._reply_room.set()
 
     def take_priority(self) -> list[Frame]:
         replies = list(self._priority)
         self._priority.clear()
+        self._replies_taken()
         return replies
 
     def take_ready(self, limit: int) -> list[Frame]:
@@ -98,7 +121,9 @@ class Outbox:
                 self.heartbeat_due = False
                 return None
             if self._priority:
-                return self._priority.popleft()
+                reply = self._priority.popleft()
+                self._replies_taken()
+                return reply
             if self._frames:
                 return self._frames.popleft()
             if self._terminal is not None:

@@ -18,7 +18,7 @@ from switchboard.events import (
     call_transcript_subject,
     conversation_events_subject,
 )
-from switchboard.live.endpoint import StreamEndpoint
+from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
 from switchboard.live.frames import SSE_HEADERS, SSE_HEARTBEAT, Terminal, sse_retry
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
@@ -43,16 +43,22 @@ async def pump_sse(
     send: Send,
 ) -> None:
     """Writes the response: headers, retry hint, frames, heartbeats, one terminal frame. The
-    registry's ticker asks for heartbeats and ends expired tokens; this loop only writes."""
+    registry's ticker asks for heartbeats, ends expired tokens and cuts off a client that has
+    stopped reading; this loop only writes."""
     metrics = services.metrics
-    clock = asyncio.get_running_loop().time
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-    await send({"type": "http.response.body", "body": sse_retry(), "more_body": True})
-    listener = asyncio.create_task(_watch_disconnect(receive, outbox))
     services.registry.add(
-        outbox, kind, principal.key_id, expires_at=principal.expires_at, heartbeats=True
+        outbox,
+        kind,
+        principal.key_id,
+        expires_at=principal.expires_at,
+        heartbeats=True,
+        hang_up=hang_up_of_this_connection(),
     )
+    send = timed_send(send, outbox)
+    listener = asyncio.create_task(_watch_disconnect(receive, outbox))
     try:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.body", "body": sse_retry(), "more_body": True})
         while True:
             item = await outbox.next()
             if outbox.aborted:
@@ -67,7 +73,6 @@ async def pump_sse(
             batch = [item, *outbox.take_ready(BATCH - 1)]
             body = b"".join(f if isinstance(f, bytes) else f.encode() for f in batch)
             await send({"type": "http.response.body", "body": body, "more_body": True})
-            outbox.last_write = clock()
             metrics.frames_sent[kind] += len(batch)
     finally:
         services.registry.remove(outbox)

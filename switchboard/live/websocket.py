@@ -1,6 +1,7 @@
 """The call event WebSocket (SPEC 5.3), as a raw ASGI endpoint. Auth happened before the
 upgrade (the middleware answers a plain 401 instead); here: 404 before the upgrade for a call
-that is not the caller's, then envelopes out, DTMF commands in, and the close codes of SPEC."""
+that is not the caller's, then the call's history and live envelopes out, DTMF commands in
+(rate-limited per socket), and the close codes of SPEC."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 from starlette.types import Receive, Scope, Send
 
+from switchboard.api.deps import Services
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
 from switchboard.errors import not_found
 from switchboard.events import EVENTS_STREAM, call_control_subject, call_events_subject
-from switchboard.live.endpoint import StreamEndpoint
+from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
 from switchboard.live.frames import (
     CommandError,
     Ending,
@@ -29,6 +31,7 @@ from switchboard.live.frames import (
 )
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
+from switchboard.live.ratelimit import COMMAND_BURST, COMMANDS_PER_SECOND, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,14 @@ class CallEventSocket(StreamEndpoint):
 
     kind = "call_websocket"
 
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        self.refused = services.metrics.counter(
+            "switchboard_commands_refused_total",
+            "WebSocket commands answered RATE_LIMITED, by the limit they hit.",
+            "limit",
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = self.services
         principal: Principal = scope["state"]["principal"]
@@ -52,52 +63,62 @@ class CallEventSocket(StreamEndpoint):
         if connect["type"] != "websocket.connect":
             return
         ws = principal.workspace_id
-        subject = call_events_subject(ws, call_id)
         outbox = self.new_outbox()
-        async with self.watching(ws, [(subject, View.CALL_EVENTS)], outbox):
+        async with self.watching(
+            ws, [(call_events_subject(ws, call_id), View.CALL_EVENTS)], outbox
+        ):
             status = await services.database.call_status(ws, call_id)
             if status is None:
                 await send_error(scope, send, not_found("call", call_id))
                 return
             await send({"type": "websocket.accept"})
-            replayed, completed = await self._replay(principal, subject, send)
-            if completed or status != "in_progress":
-                await send({"type": "websocket.close", "code": 1000, "reason": "call ended"})
-                return
+            # Registered before the replay: a client that reads nothing may stall it too.
             services.registry.add(
-                outbox, self.kind, principal.key_id, expires_at=principal.expires_at
+                outbox,
+                self.kind,
+                principal.key_id,
+                expires_at=principal.expires_at,
+                hang_up=hang_up_of_this_connection(),
             )
+            send = timed_send(send, outbox)
             try:
+                replayed, completed = await self._replay(principal, call_id, send)
+                if completed or status not in (None, "in_progress"):
+                    await send({"type": "websocket.close", "code": 1000, "reason": "call ended"})
+                    return
                 await self._session(principal, call_id, outbox, receive, send, replayed)
+            except OSError:  # the client went away mid-replay (uvicorn's ClientDisconnected)
+                return
             finally:
                 services.registry.remove(outbox)
 
     async def _replay(
-        self, principal: Principal, subject: str, send: Send
+        self, principal: Principal, call_id: str, send: Send
     ) -> tuple[set[str], bool]:
         """Sends the call's events so far, from JetStream, so a client that connects mid-call
         (or after `call.initiated`, which is always before the call can be found) still sees
         every event from the first. Returns the replayed event ids (live copies of them are
         skipped) and whether the call's completion was among them."""
         js = self.services.bus.js
+        subject = call_events_subject(principal.workspace_id, call_id)
         replayed: set[str] = set()
         completed = False
         seq = 0
-        try:
-            while len(replayed) < MAX_REPLAY:
-                try:
-                    raw = await js.get_msg(EVENTS_STREAM, seq=seq + 1, subject=subject, next=True)
-                except NotFoundError:
-                    break
-                seq = int(raw.seq or 0)
-                envelope = orjson.loads(raw.data or b"{}")
-                if envelope.get("workspace_id") != principal.workspace_id:
-                    continue
-                await send({"type": "websocket.send", "text": orjson.dumps(envelope).decode()})
-                replayed.add(str(envelope.get("event_id")))
-                completed = completed or envelope.get("event_type") == "call.completed"
-        except Exception:  # the bus is slow or down: carry on with the live events
-            log.warning("could not replay a call's events", exc_info=True)
+        while len(replayed) < MAX_REPLAY:
+            try:
+                raw = await js.get_msg(EVENTS_STREAM, seq=seq + 1, subject=subject, next=True)
+            except NotFoundError:
+                break
+            except Exception:  # the bus is slow or down: carry on with the live events
+                log.warning("could not replay a call's events", exc_info=True)
+                break
+            seq = int(raw.seq or 0)
+            envelope = orjson.loads(raw.data or b"{}")
+            if envelope.get("workspace_id") != principal.workspace_id:
+                continue
+            await send({"type": "websocket.send", "text": orjson.dumps(envelope).decode()})
+            replayed.add(str(envelope.get("event_id")))
+            completed = completed or envelope.get("event_type") == "call.completed"
         self.services.metrics.frames_sent[self.kind] += len(replayed)
         return replayed, completed
 
@@ -115,9 +136,18 @@ class CallEventSocket(StreamEndpoint):
         # its result first (the two travel on different NATS subscriptions).
         answered: dict[str, asyncio.Event] = {}
         writer = asyncio.create_task(self._write(outbox, send, answered, replayed))
+        # However the writer ends (its close sent, the client gone), the reader stops waiting.
+        writer.add_done_callback(lambda _: outbox.abort())
         commands: set[asyncio.Task[None]] = set()
+        clock = asyncio.get_running_loop().time
+        bucket = TokenBucket(COMMANDS_PER_SECOND, COMMAND_BURST, clock())
         try:
             while True:
+                # Replies owed to a client that does not read them are bounded: its next
+                # command stays unread (TCP holds the client back) until they are sent.
+                await outbox.reply_room()
+                if outbox.aborted:
+                    return
                 message = await receive()
                 if message["type"] == "websocket.disconnect":
                     return
@@ -125,13 +155,25 @@ class CallEventSocket(StreamEndpoint):
                     outbox.end_now(Terminal(Ending.BINARY_FRAME))
                     continue
                 command = parse_command(message.get("text") or "")
-                if isinstance(command, CommandError):
+                if not bucket.take(clock()):
+                    self.refused["rate"] += 1
+                    outbox.push_priority(
+                        command_result(
+                            command.request_id,
+                            False,
+                            "RATE_LIMITED",
+                            f"At most {COMMANDS_PER_SECOND:g} commands a second "
+                            f"(bursts of {COMMAND_BURST}); this one was not sent.",
+                        )
+                    )
+                elif isinstance(command, CommandError):
                     outbox.push_priority(
                         command_result(
                             command.request_id, False, command.error_code, command.message
                         )
                     )
                 elif len(commands) >= MAX_COMMANDS_IN_FLIGHT:
+                    self.refused["in_flight"] += 1
                     outbox.push_priority(
                         command_result(
                             command.request_id,
