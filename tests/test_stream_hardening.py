@@ -1,5 +1,6 @@
-"""Issue 9 on a real server: a client that stops reading is cut off and freed (SPEC 6), and
-commands from one socket are rate-limited."""
+"""Issue 9 on a real server: a client that stops reading is cut off and freed (SPEC 6), commands
+from one socket are rate-limited, and a call's end or start that the bus holds but the recorder
+has not written yet is honoured by the streams (no recorder runs for these workspaces)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ import psutil
 import pytest
 from nats.aio.client import Client
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from switchboard.client.sse import sse_events
 from switchboard.events import call_events_subject, call_transcript_subject, make_envelope
+from switchboard.ids import new_id
+from switchboard.producer import Producer
 from tests.harness import ServerThread, Workspace, eventually
 from tests.test_stream_lifecycle import stalled_reader
-from tests.test_streams import new_call, turn, ws_url
+from tests.test_streams import new_call, next_event, turn, ws_url
 
 WAIT = 10.0
 HEARTBEAT = 0.5  # so a stall is declared after one second
@@ -223,3 +227,74 @@ async def test_commands_beyond_the_rate_get_rate_limited_and_the_socket_stays_op
         assert event["call_id"] == call_id
     text = (await client.get("/metrics")).text
     assert 'switchboard_commands_refused_total{limit="rate"}' in text
+
+
+# --- a call's start and end, from the bus before the recorder (issue 9, item 9) ---------------
+
+
+async def test_a_transcript_stream_after_the_stored_end_gets_204_before_the_recorder(
+    client: httpx.AsyncClient, workspace: Workspace, bus: Client
+) -> None:
+    """The row still says in_progress (no recorder runs), but `call.completed` is stored."""
+    call_id = await new_call(client, workspace)
+    await Producer(bus).event(
+        "call.completed",
+        workspace_id=workspace.id,
+        call_id=call_id,
+        payload={"status": "completed", "duration_seconds": 3.5, "ended_by": "user"},
+    )
+    assert (await client.get(f"/v1/calls/{call_id}", headers=workspace.headers)).json()[
+        "status"
+    ] == "in_progress"
+    async with client.stream(
+        "GET", f"/v1/calls/{call_id}/transcript/stream", headers=workspace.headers
+    ) as response:
+        assert response.status_code == 204
+
+
+async def test_a_call_only_the_bus_knows_is_streamed_not_404(
+    server: ServerThread, client: httpx.AsyncClient, workspace: Workspace, bus: Client
+) -> None:
+    producer = Producer(bus)
+    call_id = new_id("call")
+    initiated = await producer.event(
+        "call.initiated",
+        workspace_id=workspace.id,
+        call_id=call_id,
+        payload={
+            "direction": "inbound",
+            "from_number": "+14155550123",
+            "to_number": "+14155550000",
+            "transport": "sip",
+        },
+    )
+    assert (await client.get(f"/v1/calls/{call_id}", headers=workspace.headers)).status_code == 404
+    path = f"/v1/calls/{call_id}/transcript/stream"
+    async with (
+        client.stream("GET", path, headers=workspace.headers) as response,
+        ws_connect(ws_url(server, call_id), additional_headers=workspace.headers) as peer,
+    ):
+        assert response.status_code == 200
+        events = sse_events(response)
+        await next_event(events)  # retry hint
+        first = orjson.loads(await asyncio.wait_for(peer.recv(), WAIT))
+        assert first["event_id"] == initiated["event_id"]
+        completed = await producer.event(
+            "call.completed",
+            workspace_id=workspace.id,
+            call_id=call_id,
+            payload={"status": "completed", "duration_seconds": 1.0, "ended_by": "agent"},
+        )
+        end = await next_event(events)
+        assert end.event == "end"
+        assert orjson.loads(await asyncio.wait_for(peer.recv(), WAIT)) == completed
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(peer.recv(), WAIT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+    # Ended on the bus, still unknown to the database: 204, as for any ended call.
+    assert (await client.get(path, headers=workspace.headers)).status_code == 204
+    # A call the bus has never seen is still a 404.
+    missing = await client.get(
+        f"/v1/calls/{new_id('call')}/transcript/stream", headers=workspace.headers
+    )
+    assert missing.status_code == 404

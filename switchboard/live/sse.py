@@ -20,6 +20,7 @@ from switchboard.events import (
 )
 from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
 from switchboard.live.frames import SSE_HEADERS, SSE_HEARTBEAT, Terminal, sse_retry
+from switchboard.live.history import stored_call
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
 
@@ -100,10 +101,17 @@ class TranscriptStream(StreamEndpoint):
         ]
         async with self.watching(ws, watches, outbox):
             status = await services.database.call_status(ws, call_id)
-            if status is None:
-                await send_error(scope, send, not_found("call", call_id))
-                return
-            if status != "in_progress":
+            ended = status not in (None, "in_progress")
+            if not ended:
+                # The recorder may lag the bus: a call whose `call.initiated` is stored exists,
+                # and one whose `call.completed` is stored has ended, whatever the row says yet
+                # (EventSource reconnects right after `event: end`, before the row catches up).
+                stored = await stored_call(services.bus.js, ws, call_id)
+                if status is None and not stored.initiated:
+                    await send_error(scope, send, not_found("call", call_id))
+                    return
+                ended = stored.completed
+            if ended:
                 # 204 tells EventSource to stop reconnecting.
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b""})

@@ -12,14 +12,13 @@ import logging
 import orjson
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import NotFoundError
 from starlette.types import Receive, Scope, Send
 
 from switchboard.api.deps import Services
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
 from switchboard.errors import not_found
-from switchboard.events import EVENTS_STREAM, call_control_subject, call_events_subject
+from switchboard.events import call_control_subject, call_events_subject
 from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
 from switchboard.live.frames import (
     CommandError,
@@ -29,6 +28,7 @@ from switchboard.live.frames import (
     command_result,
     parse_command,
 )
+from switchboard.live.history import call_history, stored_call
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
 from switchboard.live.ratelimit import COMMAND_BURST, COMMANDS_PER_SECOND, TokenBucket
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 5.0  # seconds the media plane has to answer a command
 MAX_COMMANDS_IN_FLIGHT = 8
-MAX_REPLAY = 1000  # events replayed to a new socket; a call has far fewer
 
 
 class CallEventSocket(StreamEndpoint):
@@ -68,7 +67,8 @@ class CallEventSocket(StreamEndpoint):
             ws, [(call_events_subject(ws, call_id), View.CALL_EVENTS)], outbox
         ):
             status = await services.database.call_status(ws, call_id)
-            if status is None:
+            # A call the recorder has not written yet exists if the bus holds its start.
+            if status is None and not (await stored_call(services.bus.js, ws, call_id)).initiated:
                 await send_error(scope, send, not_found("call", call_id))
                 return
             await send({"type": "websocket.accept"})
@@ -99,26 +99,14 @@ class CallEventSocket(StreamEndpoint):
         (or after `call.initiated`, which is always before the call can be found) still sees
         every event from the first. Returns the replayed event ids (live copies of them are
         skipped) and whether the call's completion was among them."""
-        js = self.services.bus.js
-        subject = call_events_subject(principal.workspace_id, call_id)
         replayed: set[str] = set()
         completed = False
-        seq = 0
-        while len(replayed) < MAX_REPLAY:
-            try:
-                raw = await js.get_msg(EVENTS_STREAM, seq=seq + 1, subject=subject, next=True)
-            except NotFoundError:
-                break
-            except Exception:  # the bus is slow or down: carry on with the live events
-                log.warning("could not replay a call's events", exc_info=True)
-                break
-            seq = int(raw.seq or 0)
-            envelope = orjson.loads(raw.data or b"{}")
-            if envelope.get("workspace_id") != principal.workspace_id:
-                continue
-            await send({"type": "websocket.send", "text": orjson.dumps(envelope).decode()})
-            replayed.add(str(envelope.get("event_id")))
-            completed = completed or envelope.get("event_type") == "call.completed"
+        history = call_history(self.services.bus.js, principal.workspace_id, call_id)
+        async with contextlib.aclosing(history):
+            async for envelope in history:
+                await send({"type": "websocket.send", "text": orjson.dumps(envelope).decode()})
+                replayed.add(str(envelope.get("event_id")))
+                completed = completed or envelope.get("event_type") == "call.completed"
         self.services.metrics.frames_sent[self.kind] += len(replayed)
         return replayed, completed
 

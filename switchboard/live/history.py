@@ -1,0 +1,69 @@
+"""A call's events as JetStream stored them, read back in order: what a new WebSocket replays,
+and how a stream learns that a call exists or has ended before the recorder has written it to
+the database (the bus is the record of what happened; the database follows it)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from switchboard.events import EVENTS_STREAM, call_events_subject
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS = 1000  # read back per call; a call has far fewer
+
+
+async def call_history(
+    js: JetStreamContext, workspace_id: str, call_id: str, limit: int = MAX_EVENTS
+) -> AsyncGenerator[dict[str, Any], None]:
+    """The call's stored envelopes, oldest first, at most `limit`. Envelopes that name another
+    workspace than their subject are skipped, as the hub skips them live. A bus that is slow
+    or down ends the history early (logged): callers carry on with what they have."""
+    subject = call_events_subject(workspace_id, call_id)
+    seq = 0
+    count = 0
+    while count < limit:
+        try:
+            raw = await js.get_msg(EVENTS_STREAM, seq=seq + 1, subject=subject, next=True)
+        except NotFoundError:
+            return
+        except Exception:  # nats raises several unrelated types for "no answer"
+            log.warning("could not read a call's events back from the bus", exc_info=True)
+            return
+        seq = int(raw.seq or 0)
+        try:
+            envelope = orjson.loads(raw.data or b"")
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(envelope, dict) and envelope.get("workspace_id") == workspace_id:
+            count += 1
+            yield envelope
+
+
+@dataclass(frozen=True)
+class StoredCall:
+    """What the bus holds of a call: whether it began (`call.initiated`) and ended."""
+
+    initiated: bool
+    completed: bool
+
+
+async def stored_call(js: JetStreamContext, workspace_id: str, call_id: str) -> StoredCall:
+    initiated = completed = False
+    history = call_history(js, workspace_id, call_id)
+    async with contextlib.aclosing(history):
+        async for envelope in history:
+            kind = envelope.get("event_type")
+            initiated = initiated or kind == "call.initiated"
+            completed = completed or kind == "call.completed"
+            if initiated and completed:
+                break
+    return StoredCall(initiated, completed)
