@@ -14,7 +14,9 @@ PREFIXES = frozenset(
     {"ws", "key", "agt", "call", "trn", "conv", "msg", "evt", "whk", "del", "req", "st"}
 )
 
-_ID_RE = re.compile(r"^(?P<prefix>[a-z]+)_(?P<body>[0-9A-Za-z]{16,64})$")
+# Always used with fullmatch: `$` would also match before a final newline, which would let
+# "call_...\n" through to a NATS subject.
+_ID_RE = re.compile(r"(?P<prefix>[a-z]+)_(?P<body>[0-9A-Za-z]{16,64})")
 
 
 def random_base62(length: int) -> str:
@@ -30,7 +32,7 @@ def new_id(prefix: str) -> str:
 
 def is_id(value: str, prefix: str) -> bool:
     """True when `value` is a well-formed id of the given type (it may still not exist)."""
-    match = _ID_RE.match(value)
+    match = _ID_RE.fullmatch(value)
     return match is not None and match.group("prefix") == prefix
 
 

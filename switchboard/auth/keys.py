@@ -15,7 +15,7 @@ KEY_MODES = ("live", "test")
 # to guess the remaining 32 characters from.
 DISPLAY_PREFIX_BODY = 8
 
-_KEY_RE = re.compile(rf"^pk_(live|test)_[0-9A-Za-z]{{{KEY_BODY_LENGTH}}}$")
+_KEY_RE = re.compile(rf"pk_(live|test)_[0-9A-Za-z]{{{KEY_BODY_LENGTH}}}")  # used with fullmatch
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def generate_key(mode: str) -> NewKey:
 
 
 def looks_like_key(candidate: str) -> bool:
-    return _KEY_RE.match(candidate) is not None
+    return _KEY_RE.fullmatch(candidate) is not None
 
 
 def display_prefix(secret: str) -> str:
