@@ -4,10 +4,37 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
+
+def storable_text(value: str) -> str:
+    """Refuses what Postgres cannot store in a text column (a NUL character) and what is not
+    Unicode text at all (a lone surrogate from a JSON `\\ud800` escape, which cannot be encoded
+    as UTF-8): both would otherwise fail in the database, as a 500, after validation passed."""
+    if "\x00" in value:
+        raise PydanticCustomError("string_nul", "must not contain NUL (\\u0000) characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError(
+            "string_unicode", "must be valid Unicode (no lone surrogates)"
+        ) from None
+    return value
+
+
+# Every free-text field of every request body carries STORABLE, last (after its length and
+# whitespace constraints: pydantic drops constraints layered on top of an annotated type), so
+# the rule above holds everywhere. Patterned fields (ids, phone numbers) cannot hold either.
+STORABLE = AfterValidator(storable_text)
+Text = Annotated[str, STORABLE]
+
+# Patterns run on pydantic's Rust regex engine, where `$` matches only at the very end (Python's
+# `re` would also match before a final newline); test_http_hardening pins that.
 E164 = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{1,14}$")]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True), STORABLE
+]
 AiMode = Literal["ai", "human", "closed"]
 Transport = Literal["esl", "sip", "webrtc"]
 Channel = Literal["sms", "whatsapp"]
@@ -26,18 +53,18 @@ class Body(BaseModel):
 
 
 class KeyCreate(Body):
-    name: Annotated[str, StringConstraints(max_length=200, strip_whitespace=True)] = ""
+    name: Annotated[str, StringConstraints(max_length=200, strip_whitespace=True), STORABLE] = ""
     mode: Literal["live", "test"] = "live"
 
 
 class AgentCreate(Body):
     name: Name
-    instructions: Annotated[str, StringConstraints(max_length=20_000)] = ""
+    instructions: Annotated[str, StringConstraints(max_length=20_000), STORABLE] = ""
 
 
 class AgentUpdate(Body):
     name: Name | None = None
-    instructions: Annotated[str, StringConstraints(max_length=20_000)] | None = None
+    instructions: Annotated[str, StringConstraints(max_length=20_000), STORABLE] | None = None
 
 
 class CallCreate(Body):
@@ -49,11 +76,13 @@ class CallCreate(Body):
 
 class ConversationUpdate(Body):
     ai_mode: AiMode
-    actor_user_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    actor_user_id: (
+        Annotated[str, StringConstraints(min_length=1, max_length=200), STORABLE] | None
+    ) = None
 
 
 class MessageCreate(Body):
-    text: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    text: Annotated[str, StringConstraints(min_length=1, max_length=4096), STORABLE]
     conversation_id: ConversationId | None = Field(
         default=None, description="Reply in this conversation; or give channel and numbers."
     )

@@ -17,6 +17,7 @@ from switchboard.errors import invalid
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+MAX_SEQ = 2**63 - 1  # the largest bigint
 
 
 def encode_page_token(resource: str, last_seq: int) -> str:
@@ -31,9 +32,12 @@ def decode_page_token(resource: str, token: str | None) -> int | None:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = orjson.loads(raw)
-        if data["r"] != resource or not isinstance(data["s"], int):
+        seq = data["s"]
+        # A seq is a Postgres bigint: a number outside it (JSON allows any) would fail in the
+        # query, as a 500, instead of here. bool is an int to Python, never a seq.
+        if data["r"] != resource or type(seq) is not int or not 0 < seq <= MAX_SEQ:
             raise ValueError
-        return int(data["s"])
+        return seq
     except (ValueError, KeyError, TypeError, binascii.Error, orjson.JSONDecodeError):
         raise invalid("page_token", f"is not a page token of this {resource} list") from None
 
