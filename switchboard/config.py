@@ -33,6 +33,8 @@ class Settings:
     key_cache_ttl: float = 60.0
     # Seconds that shutdown waits for open requests before it cuts them.
     shutdown_grace: float = 5.0
+    # Largest request body; a bigger one is refused with 413 before it is buffered (SPEC 6).
+    max_body_bytes: int = 1048576
     # The application role's password; unset, a random one kept in the database is used.
     app_role_password: str | None = field(default=None, repr=False)
 

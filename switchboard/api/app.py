@@ -6,7 +6,6 @@ import html
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -19,12 +18,13 @@ from switchboard import __version__
 from switchboard.api.deps import Services
 from switchboard.api.middleware import (
     Authentication,
+    BodyLimit,
     RequestContext,
     StreamDispatch,
     WriteDeadline,
 )
 from switchboard.api.models import ErrorBody
-from switchboard.api.responses import error_headers
+from switchboard.api.responses import error_for_exception, error_headers
 from switchboard.api.routes import (
     agents,
     calls,
@@ -36,7 +36,6 @@ from switchboard.api.routes import (
     webhooks,
     workspace,
 )
-from switchboard.bus import BusUnavailable
 from switchboard.errors import ApiError, error_body
 
 # The dashboard loads only its own files and talks only to this server.
@@ -140,6 +139,19 @@ def _field_message(error: dict[str, Any]) -> str:
     return f"{field}: {error.get('msg', 'is invalid')}"
 
 
+def _http_error(request: Request, exc: HTTPException) -> ApiError:
+    if exc.status_code in (404, 405):
+        # No route for this path or method: a 404 either way, so the surface is not enumerable.
+        return ApiError("NOT_FOUND", f"No route {request.method} {request.url.path}.")
+    if exc.status_code == 400:
+        # The framework could not read the body: not UTF-8, nested past the parser's depth,
+        # a number too long to convert. (Valid JSON of the wrong shape is a validation error.)
+        return ApiError("INVALID_ARGUMENT", "body: could not be decoded; send a UTF-8 JSON object.")
+    if exc.status_code < 500:
+        return ApiError("INVALID_ARGUMENT", f"The request was refused ({exc.status_code}).")
+    return ApiError("INTERNAL", "An internal error occurred.")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -152,31 +164,22 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        # No route for this path or method: a 404 either way, so the surface is not enumerable.
-        message = f"No route {request.method} {request.url.path}."
-        return error_response(request, ApiError("NOT_FOUND", message))
+        return error_response(request, _http_error(request, exc))
 
-    async def on_unavailable(request: Request, exc: Exception) -> JSONResponse:
-        dependency = "bus" if isinstance(exc, BusUnavailable) else "database"
-        message = f"The {dependency} is unavailable; nothing was changed. Retry shortly."
-        return error_response(request, ApiError("UNAVAILABLE", message, retry_after=1))
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The framework re-raises after this answer, so RequestContext (outermost) still sees
+        # the exception: it logs an outage once through its OutageLog, a bug with its traceback.
+        return error_response(request, error_for_exception(exc))
 
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
-    for unavailable in (
-        BusUnavailable,
-        asyncpg.PostgresConnectionError,
-        asyncpg.InterfaceError,
-        asyncpg.CannotConnectNowError,
-        ConnectionError,
-    ):
-        app.add_exception_handler(unavailable, on_unavailable)
+    app.add_exception_handler(Exception, on_unexpected)
 
 
 def create_app(services: Services) -> ASGIApp:
-    """The whole HTTP surface, wrapped in the gateway middleware (outermost first: request id,
-    write deadline, authentication)."""
+    """The whole HTTP surface, wrapped in the gateway middleware (outermost first: request id
+    and the last word on errors, body limit, write deadline, authentication)."""
     app = FastAPI(
         title="Switchboard",
         version=__version__,
@@ -186,6 +189,9 @@ def create_app(services: Services) -> ASGIApp:
         openapi_url="/openapi.json",
         # A body sent without a Content-Type is read as JSON: curl users forget the header.
         strict_content_type=False,
+        # Paths are exact: /v1/calls/ is a 404 envelope like any unknown path, not a redirect
+        # whose Location echoes the request's path back.
+        redirect_slashes=False,
     )
     app.state.services = services
     for module in (workspace, keys, agents, calls, conversations, messages, streams, webhooks):
@@ -231,11 +237,16 @@ def create_app(services: Services) -> ASGIApp:
         )
 
     return RequestContext(
-        WriteDeadline(
-            Authentication(
-                StreamDispatch(app, list(stream_routes)), services.authenticator, services.metrics
+        BodyLimit(
+            WriteDeadline(
+                Authentication(
+                    StreamDispatch(app, list(stream_routes)),
+                    services.authenticator,
+                    services.metrics,
+                ),
+                services.settings.write_deadline,
             ),
-            services.settings.write_deadline,
+            services.settings.max_body_bytes,
         )
     )
 

@@ -1,22 +1,29 @@
-"""Gateway middleware, as plain ASGI: request ids and the access log, the write deadline, and
-authentication with the `?token=` policy. Each is small and knows nothing of the routes."""
+"""Gateway middleware, as plain ASGI: request ids, the access log and the last word on errors,
+the body limit, the write deadline, and authentication with the query-credential policy. Each is
+small and knows nothing of the routes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.utils import ClientDisconnected
 
-from switchboard.api.responses import send_error
+from switchboard.api.responses import body_too_large, error_for_exception, send_error
 from switchboard.auth.authenticator import Authenticator, AuthFailure
 from switchboard.auth.keys import MalformedAuthorization, bearer_credential
 from switchboard.auth.policy import (
+    OTHER_CREDENTIAL_REFUSED,
     QUERY_PARAM_REFUSED,
     is_stream_path,
+    other_query_credentials,
     query_token_allowed,
     query_tokens,
     stream_call_id,
@@ -24,18 +31,49 @@ from switchboard.auth.policy import (
 from switchboard.errors import ApiError
 from switchboard.ids import new_id
 from switchboard.live.metrics import Metrics
+from switchboard.outage import OutageLog, unavailable_dependency
 
 access_log = logging.getLogger("switchboard.access")
 log = logging.getLogger(__name__)
 
 
+def is_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+@dataclass
+class Progress:
+    """How far the response to one request has gone, as seen by the outermost layer."""
+
+    status: int = 0
+    started: bool = False
+    complete: bool = False
+    closed: bool = False  # a WebSocket that was accepted has been closed
+
+
 class RequestContext:
-    """Gives every request a `req_` id, echoes it in `X-Request-Id`, turns an unexpected
-    exception into a 500 envelope without a stack trace, and writes one access-log line that
-    holds the path but never the query string (where a `token` may be)."""
+    """The outermost layer. Gives every request a `req_` id, echoed in `X-Request-Id`; marks
+    every `/v1` response `Cache-Control: no-store` (they are per-key data, some hold secrets);
+    writes one access-log line that holds the path but never the query string (where a `token`
+    may be); and has the last word on any exception below it, whichever layer it came from
+    (authentication, the raw stream endpoints, the framework):
+
+    - a dependency outage (`switchboard.outage.unavailable_dependency`) is a 503 UNAVAILABLE
+      with `Retry-After`, logged through an OutageLog: one line when it starts, one when it
+      ends, a reminder now and then, never a traceback per request;
+    - anything else is a bug: a 500 envelope without a stack trace, logged with one;
+    - a WebSocket upgrade that fails gets the HTTP denial response; an accepted one that fails
+      is closed with 1011; an HTTP response that fails half-way can only be cut.
+
+    The framework answers exceptions inside it itself and re-raises them; those arrive here
+    with the response complete, and are only logged."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.outages = {
+            "database": OutageLog(log, "The database (as the HTTP API sees it)"),
+            "bus": OutageLog(log, "The bus (as the HTTP API sees it)"),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -43,18 +81,27 @@ class RequestContext:
             return
         request_id = new_id("req")
         scope.setdefault("state", {})["request_id"] = request_id
-        header = (b"x-request-id", request_id.encode())
+        path = scope["path"]
+        extra_headers = [(b"x-request-id", request_id.encode())]
+        if is_v1(path):
+            extra_headers.append((b"cache-control", b"no-store"))
         started = time.perf_counter()
-        outcome: dict[str, Any] = {"status": 0}
+        progress = Progress()
 
         async def send_with_id(message: Message) -> None:
             kind = message["type"]
             if kind in ("http.response.start", "websocket.http.response.start"):
-                message = {**message, "headers": [*message.get("headers", []), header]}
-                outcome["status"] = message["status"]
+                message = {**message, "headers": _with(message.get("headers", []), extra_headers)}
+                progress.status, progress.started = message["status"], True
             elif kind == "websocket.accept":
-                message = {**message, "headers": [*message.get("headers", []), header]}
-                outcome["status"] = 101
+                message = {**message, "headers": _with(message.get("headers", []), extra_headers)}
+                progress.status, progress.started = 101, True
+            elif kind in ("http.response.body", "websocket.http.response.body"):
+                progress.complete = not message.get("more_body", False)
+            elif kind == "websocket.close":
+                if not progress.started:
+                    progress.status = 403  # the server refuses an upgrade closed before accept
+                progress.started = progress.complete = progress.closed = True
             await send(message)
 
         try:
@@ -62,25 +109,109 @@ class RequestContext:
         except DeadlineExceededAfterStart:
             # Returning with the body unfinished makes the server drop the connection.
             log.warning("write deadline passed mid-response", extra={"request_id": request_id})
-        except Exception:
-            log.exception("unhandled error", extra={"request_id": request_id})
-            if outcome["status"] == 0:
-                await send_error(
-                    scope, send_with_id, ApiError("INTERNAL", "An internal error occurred.")
-                )
-            else:
-                raise  # the response has begun: the server closes the connection
+        except (ClientDisconnected, ClientDisconnect):
+            pass  # the client left mid-request: nothing to answer, nothing went wrong
+        except Exception as error:
+            await self._failed(scope, error, progress, send_with_id)
+        else:
+            self._succeeded(path, progress.status)
         finally:
             access_log.info(
                 "%s %s %s",
                 scope.get("method", "WS"),
-                scope["path"],
-                outcome["status"],
+                path,
+                progress.status,
                 extra={
                     "request_id": request_id,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                 },
             )
+
+    async def _failed(self, scope: Scope, error: Exception, progress: Progress, send: Send) -> None:
+        dependency = unavailable_dependency(error)
+        if dependency is not None:
+            self.outages[dependency].failed(error)
+        else:
+            log.error(
+                "unhandled error",
+                exc_info=error,
+                extra={"request_id": scope["state"]["request_id"]},
+            )
+        if not progress.started:
+            await send_error(scope, send, error_for_exception(error))
+        elif progress.status == 101 and not progress.closed:
+            with contextlib.suppress(ClientDisconnected, RuntimeError):  # already gone
+                await send({"type": "websocket.close", "code": 1011, "reason": "internal error"})
+        # else: complete (the framework answered) or cut half-way (the server drops it).
+
+    def _succeeded(self, path: str, status: int) -> None:
+        """A request that used a dependency and succeeded ends that dependency's outage. Every
+        `/v1` success has used the database (a route's rows, or a key not yet cached, or a
+        call's state); only stream openings use the bus."""
+        if not 0 < status < 400 or not is_v1(path):
+            return
+        self.outages["database"].recovered()
+        if is_stream_path(path):
+            self.outages["bus"].recovered()
+
+
+def _with(headers: Any, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` plus those of `extra` whose names it does not already have."""
+    merged = list(headers)
+    present = {name.lower() for name, _ in merged}
+    merged.extend((name, value) for name, value in extra if name not in present)
+    return merged
+
+
+class BodyTooLargeError(Exception):
+    """Raised into whoever reads a body past the limit, so that it stops reading."""
+
+
+class BodyLimit:
+    """Refuses a request body over `max_bytes` with 413 before buffering it: at once when its
+    Content-Length says so, otherwise (chunked) as soon as the bytes received pass the limit;
+    whatever the application answered to the body it could not finish reading is replaced by
+    the 413. The 413 closes the connection, so the rest of the body is never read."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await send_error(scope, send, body_too_large(self.max_bytes))
+            return
+        received = 0
+        over = started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True
+                    raise BodyTooLargeError
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if not over:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        # (Had the response begun before the body ran over, it is left unfinished: cut.)
+        if over and not started:
+            await send_error(scope, send, body_too_large(self.max_bytes))
 
 
 class DeadlineExceededAfterStart(Exception):
@@ -142,11 +273,17 @@ class Authentication:
             return
         path = scope["path"]
         method = "GET" if scope["type"] == "websocket" else scope["method"]
-        tokens = query_tokens(scope.get("query_string", b""))
+        query = scope.get("query_string", b"")
+        tokens = query_tokens(query)
+        others = other_query_credentials(query)
         try:
             # Refused on every path but two, /v1 or not: a key in a URL leaks wherever it goes.
-            if tokens and not query_token_allowed(method, path):
+            if (tokens or others) and not query_token_allowed(method, path):
                 raise AuthFailure("query_token_refused", QUERY_PARAM_REFUSED)
+            # On those two, only `token` itself: `TOKEN=`, `access_token=`, a key under another
+            # name are refused rather than ignored beside a valid credential.
+            if others:
+                raise AuthFailure("query_token_refused", OTHER_CREDENTIAL_REFUSED)
             if path == "/v1" or path.startswith("/v1/"):
                 scope["state"]["principal"] = await self._principal(scope, tokens)
         except ApiError as failure:
@@ -213,4 +350,10 @@ class StreamDispatch:
                     scope.update(child_scope)
                     await route.handle(scope, receive, send)
                     return
+        if scope["type"] == "websocket":
+            # The framework refuses an upgrade it has no route for with a bare close (a 403
+            # without a body); this is the same 404 envelope as for any unknown path.
+            message = f"No WebSocket route {scope['path']}."
+            await send_error(scope, send, ApiError("NOT_FOUND", message))
+            return
         await self.app(scope, receive, send)
