@@ -236,10 +236,14 @@ class GatewayServer(uvicorn.Server):
 
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    from switchboard.api.http_protocol import GatewayHttpProtocol, GatewayWebSocketProtocol
+
     return uvicorn.Config(
         app,
-        http="httptools",
-        ws="websockets-sansio",
+        # uvicorn's httptools and websockets-sansio protocols, with the 16 KiB head limit (431)
+        # and the error envelope on the answers they give themselves (api/http_protocol.py).
+        http=GatewayHttpProtocol,
+        ws=GatewayWebSocketProtocol,
         loop="none",
         lifespan="off",
         access_log=False,

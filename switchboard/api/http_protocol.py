@@ -1,0 +1,239 @@
+"""uvicorn's HTTP/1.1 (httptools) and WebSocket (websockets sans-I/O) protocols with what the
+gateway needs below the ASGI application: a 16 KiB limit on a request's head, enforced before
+the parser has buffered more (SPEC 6: 431), and the error envelope with an `X-Request-Id` on
+every answer this layer gives itself (malformed HTTP, a refused WebSocket handshake), where
+uvicorn would send plain text, hang, or log an ERROR for an ordinary refusal.
+
+Why the head limit is here: httptools (llhttp) has none, and it joins the pieces of a header
+value it receives across reads by concatenation, so a single huge header costs quadratic time
+before any application code could see it. Bytes are therefore counted as they are fed to the
+parser, and the parser is never fed more than the limit while a head is incomplete."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+from uvicorn._types import ASGISendEvent
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+from websockets.datastructures import Headers
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request, Response
+
+from switchboard.api.responses import error_bytes, error_headers, headers_too_large
+from switchboard.errors import ApiError
+from switchboard.ids import new_id
+
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers, in total (SPEC 6)
+# After its head, a message must keep the parser making progress (body bytes, chunk
+# boundaries): this many bytes fed without any is an endless trailer or chunk extension, which
+# the parser would buffer by concatenation just like a header.
+MAX_STALLED_BYTES = 16 * 1024
+
+access_log = logging.getLogger("switchboard.access")
+
+NOT_HTTP = ApiError("INVALID_ARGUMENT", "The request is not valid HTTP/1.1.")
+
+
+def refusal_parts(status: int, error: ApiError) -> tuple[list[tuple[bytes, bytes]], bytes, str]:
+    """Headers, body and request id of an error response that closes the connection."""
+    request_id = new_id("req")
+    body = error_bytes(error, request_id)
+    headers = [
+        *error_headers(error),
+        (b"x-request-id", request_id.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if not any(name == b"connection" for name, _ in headers):
+        headers.append((b"connection", b"close"))
+    return headers, body, request_id
+
+
+def refusal(status: int, error: ApiError) -> tuple[bytes, str]:
+    """The raw bytes of an error response that closes the connection, and its request id."""
+    headers, body, request_id = refusal_parts(status, error)
+    head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return STATUS_LINE[status] + head + b"\r\n" + body, request_id
+
+
+def log_refusal(method: str, path: str, status: int, request_id: str) -> None:
+    """The access-log line of an answer given below the application (same shape as its own)."""
+    access_log.info("%s %s %s", method, path, status, extra={"request_id": request_id})
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, counting a request's head as it is fed to the parser."""
+
+    max_head_bytes = MAX_HEAD_BYTES
+    max_stalled_bytes = MAX_STALLED_BYTES
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: Any = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._in_head = True  # the parser is between messages or inside a head
+        self._head_bytes = 0
+        self._stalled_bytes = 0
+        self._done = False  # refused or upgraded: this protocol reads no more
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        while data and not self._done:
+            if self._in_head:
+                room = self.max_head_bytes - self._head_bytes
+                if room <= 0:
+                    self._refuse(431, headers_too_large(self.max_head_bytes))
+                    return
+                piece, data = data[:room], data[room:]
+                self._head_bytes += len(piece)
+            else:
+                piece, data = data, b""
+                self._stalled_bytes += len(piece)  # the parser's callbacks reset it
+            self._feed(piece)
+            if not self._in_head and self._stalled_bytes > self.max_stalled_bytes:
+                self._refuse(431, headers_too_large(self.max_stalled_bytes))
+
+    def _feed(self, piece: bytes) -> None:
+        # uvicorn's own data_received, less its warning per malformed request (an anonymous
+        # client could fill the log with them) and with the envelope instead of plain text.
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+        except httptools.HttpParserError:
+            self._refuse(400, NOT_HTTP)
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, NOT_HTTP)
+
+    def _refuse(self, status: int, error: ApiError) -> None:
+        self._done = True
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        answering = cycle is not None and not cycle.response_complete
+        if answering and (cycle.response_started or self._in_head):
+            # A response (to this request, or to one pipelined before it) is on its way:
+            # nothing can be said after it, so the connection is cut.
+            self.transport.close()
+            return
+        raw, request_id = refusal(status, error)
+        self.transport.write(raw)
+        self.transport.close()
+        method = self.scope.get("method", "-") if self.scope else "-"
+        log_refusal(method, "-", status, request_id)
+
+    # Parser callbacks: where a head ends and where a message makes progress.
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._stalled_bytes = 0
+        super().on_headers_complete()
+        if self.parser.should_upgrade() and not self._should_upgrade():
+            # An upgrade we do not speak (h2c, say) is answered as plain HTTP/1.1, but the
+            # parser stops at an upgrade, so the connection cannot carry another request.
+            self.cycle.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        self._stalled_bytes = 0
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._stalled_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self._stalled_bytes = 0
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
+        self._head_bytes = 0
+        self._stalled_bytes = 0
+
+    def handle_websocket_upgrade(self) -> None:
+        # The handshake is parsed again by `websockets`, whose limits are per line and on the
+        # number of headers; a head within ours but over those would make it wait forever.
+        request_line = len(self.scope["method"]) + len(self.url) + len(" HTTP/1.1")
+        longest = max([request_line, *(len(n) + len(v) + 2 for n, v in self.headers)])
+        if longest > MAX_LINE_LENGTH - 2 or len(self.headers) > MAX_NUM_HEADERS:
+            self._refuse(431, headers_too_large(self.max_head_bytes))
+            return
+        self._done = True
+        super().handle_websocket_upgrade()
+
+
+class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol, with three answers made ordinary:
+
+    - a handshake `websockets` refuses (no Sec-WebSocket-Key, a version other than 13, a method
+      other than GET) gets the error envelope instead of plain text;
+    - a request `websockets` cannot even parse gets a 400 envelope instead of no answer at all;
+    - an upgrade the application refuses with the denial response (401, 404) is complete:
+      uvicorn counts only an accepted or closed handshake as complete, and logged each denial
+      as an ERROR ("ASGI callable returned without completing handshake")."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: Any = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        accept = self.conn.accept
+
+        def accept_or_refuse(request: Request) -> Response:
+            response = accept(request)
+            if response.status_code == 101:
+                return response
+            reason = response.body.decode(errors="replace").strip().splitlines()[0]
+            error = ApiError("INVALID_ARGUMENT", f"Not a WebSocket handshake: {reason}")
+            return self._envelope_response(400, error, request.method, request.path)
+
+        # One refusal shape for the whole server: uvicorn calls `conn.accept` itself.
+        self.conn.accept = accept_or_refuse  # type: ignore[method-assign]
+
+    def _envelope_response(self, status: int, error: ApiError, method: str, path: str) -> Response:
+        raw_headers, body, request_id = refusal_parts(status, error)
+        headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers])
+        log_refusal(method, path.partition("?")[0], status, request_id)
+        return Response(status, HTTPStatus(status).phrase, headers, body)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            # `websockets` could not parse the request (a non-ASCII path, a Transfer-Encoding):
+            # it gives up silently, and uvicorn would wait for a request that never comes.
+            self._refuse_unparsed()
+
+    def handle_connect(self, event: Request) -> None:
+        try:
+            super().handle_connect(event)
+        except UnicodeError:
+            # uvicorn re-encodes the path as ASCII; `websockets` let a non-ASCII one through.
+            self._refuse_unparsed()
+
+    def _refuse_unparsed(self) -> None:
+        if self.transport.is_closing():
+            return
+        raw, request_id = refusal(400, NOT_HTTP)
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.transport.write(raw)
+        self.transport.close()
+        log_refusal("-", "-", 400, request_id)
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get(
+            "more_body", False
+        ):
+            self.handshake_complete = True  # the denial response is a complete answer
