@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
+
+from switchboard.auth.policy import fully_decoded, is_credential_name
 
 # API key secrets, stream tokens, and any `token=` query value.
 _SECRET_PATTERNS = (
@@ -16,15 +18,56 @@ _SECRET_PATTERNS = (
     re.compile(r"\bst_[0-9A-Za-z_.\-]{8,}"),
     re.compile(r"(token=)[^&\s\"']*", re.IGNORECASE),
 )
+# A `name=value` pair as it appears in a URL; the name is judged after percent-decoding, so
+# `tok%65n=` and `%74oken=` are the `token=` they decode to (and `API_KEY=` an api_key).
+_QUERY_PAIR = re.compile(r"([^\s&?;=\"'/]+)=([^&\s\"']*)")
+# A run of URL characters holding a percent escape: a key may hide in it (`pk%5Flive%5F...`).
+_ENCODED_RUN = re.compile(r"[0-9A-Za-z_.~+\-]*%[0-9A-Za-z_.~+%\-]+")
 
 
-def redact(text: str) -> str:
+def _redact_pair(match: re.Match[str]) -> str:
+    if is_credential_name(match.group(1)):
+        return f"{match.group(1)}=[redacted]"
+    return match.group(0)
+
+
+def _redact_encoded(match: re.Match[str]) -> str:
+    decoded = fully_decoded(match.group(0))
+    return "[redacted]" if _redact_plain(decoded) != decoded else match.group(0)
+
+
+def _redact_plain(text: str) -> str:
     for pattern in _SECRET_PATTERNS:
         if pattern.groups:
             text = pattern.sub(r"\1[redacted]", text)
         else:
             text = pattern.sub("[redacted]", text)
     return text
+
+
+def redact(text: str) -> str:
+    """`text` without anything shaped like a credential: a key or stream token, plain or
+    percent-encoded, and the value of any credential-named query parameter, in any case and
+    encoding of its name."""
+    if "=" in text:
+        text = _QUERY_PAIR.sub(_redact_pair, text)
+    if "%" in text:
+        text = _ENCODED_RUN.sub(_redact_encoded, text)
+    return _redact_plain(text)
+
+
+# Control characters (C0, DEL, C1) and the Unicode line separators: written raw, a request path
+# holding them could forge a log line or send escape codes to an operator's terminal.
+_CONTROL = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in [*range(0x00, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+}
+_CONTROL_BUT_NEWLINE = {code: text for code, text in _CONTROL.items() if code != 0x0A}
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """`text` with its control characters written as escapes (`\\x1b`, `\\x0a`)."""
+    return text.translate(_CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL)
 
 
 class RedactingFilter(logging.Filter):
@@ -61,16 +104,29 @@ class ConsoleFormatter(logging.Formatter):
         extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
         tail = " ".join(f"{k}={v}" for k, v in extra.items())
         base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.getMessage()}"
-        text = f"{base}  {tail}" if tail else base
+        text = printable(f"{base}  {tail}" if tail else base)
         if record.exc_text:
-            text += "\n" + record.exc_text
+            text += "\n" + printable(record.exc_text, keep_newlines=True)
         elif record.exc_info:
-            text += "\n" + redact(self.formatException(record.exc_info))
+            text += "\n" + printable(
+                redact(self.formatException(record.exc_info)), keep_newlines=True
+            )
         return text
 
 
-def configure_logging(log_format: str = "console", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class UvicornHandshakeLines(logging.Filter):
+    """Drops uvicorn's own lines for WebSocket handshakes (`"WebSocket /path?query" 401`,
+    `[accepted]`): they are access-log lines that print the query string, where a token may
+    be, and ours (switchboard.access) already has one per upgrade without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith('%s - "WebSocket %s"'))
+
+
+def configure_logging(
+    log_format: str = "console", level: str = "info", stream: TextIO | None = None
+) -> None:
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
@@ -81,3 +137,6 @@ def configure_logging(log_format: str = "console", level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, UvicornHandshakeLines) for f in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(UvicornHandshakeLines())
