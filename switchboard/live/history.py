@@ -5,18 +5,17 @@ the database (the bus is the record of what happened; the database follows it)."
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 import orjson
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from switchboard.events import EVENTS_STREAM, call_events_subject
-
-log = logging.getLogger(__name__)
+from switchboard.outage import BusUnavailable
 
 MAX_EVENTS = 1000  # read back per call; a call has far fewer
 
@@ -25,8 +24,8 @@ async def call_history(
     js: JetStreamContext, workspace_id: str, call_id: str, limit: int = MAX_EVENTS
 ) -> AsyncGenerator[dict[str, Any], None]:
     """The call's stored envelopes, oldest first, at most `limit`. Envelopes that name another
-    workspace than their subject are skipped, as the hub skips them live. A bus that is slow
-    or down ends the history early (logged): callers carry on with what they have."""
+    workspace than their subject are skipped, as the hub skips them live. A bus that does not
+    answer raises BusUnavailable: whether to carry on without the rest is the caller's call."""
     subject = call_events_subject(workspace_id, call_id)
     seq = 0
     count = 0
@@ -35,9 +34,10 @@ async def call_history(
             raw = await js.get_msg(EVENTS_STREAM, seq=seq + 1, subject=subject, next=True)
         except NotFoundError:
             return
-        except Exception:  # nats raises several unrelated types for "no answer"
-            log.warning("could not read a call's events back from the bus", exc_info=True)
-            return
+        except (nats.errors.Error, OSError) as failure:  # no answer, timeout, connection lost
+            raise BusUnavailable(
+                f"could not read a call's events back: {type(failure).__name__}"
+            ) from None
         seq = int(raw.seq or 0)
         try:
             envelope = orjson.loads(raw.data or b"")

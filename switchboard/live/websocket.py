@@ -32,6 +32,7 @@ from switchboard.live.history import call_history, stored_call
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
 from switchboard.live.ratelimit import COMMAND_BURST, COMMANDS_PER_SECOND, TokenBucket
+from switchboard.outage import BusUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,15 @@ class CallEventSocket(StreamEndpoint):
         replayed: set[str] = set()
         completed = False
         history = call_history(self.services.bus.js, principal.workspace_id, call_id)
-        async with contextlib.aclosing(history):
-            async for envelope in history:
-                await send({"type": "websocket.send", "text": orjson.dumps(envelope).decode()})
-                replayed.add(str(envelope.get("event_id")))
-                completed = completed or envelope.get("event_type") == "call.completed"
+        try:
+            async with contextlib.aclosing(history):
+                async for envelope in history:
+                    text = orjson.dumps(envelope).decode()
+                    await send({"type": "websocket.send", "text": text})
+                    replayed.add(str(envelope.get("event_id")))
+                    completed = completed or envelope.get("event_type") == "call.completed"
+        except BusUnavailable as failure:  # the bus is slow or down: carry on with live events
+            log.warning("%s", failure)
         self.services.metrics.frames_sent[self.kind] += len(replayed)
         return replayed, completed
 
