@@ -1,6 +1,9 @@
 """Plays scripts on the bus, and plays the media plane for one workspace: it runs calls placed
 with `POST /v1/calls`, answers DTMF commands (then emits `call.dtmf_sent`), and drops a call
-the API hung up (the API itself publishes that call's `call.completed`)."""
+the API hung up (the API itself publishes that call's `call.completed`).
+
+Every call it begins, it ends: a stop ends the calls on the air as `failed`, ended by the
+`system`, and a start first ends those a killed predecessor left behind (see `ledger`)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -16,12 +20,17 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from switchboard.live.history import stored_call
 from switchboard.producer import Producer
+from switchboard.simulate.ledger import CallLedger
 from switchboard.simulate.script import Step, call_script, conversation_script
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("esl", "sip", "webrtc")
+# Seconds a stop waits for its calls to store their end (a publish waits at most 5 s for its
+# acknowledgement); a call still unended after that is ended by the next start.
+STOP_GRACE = 6.0
 
 
 @dataclass(frozen=True)
@@ -39,22 +48,53 @@ class SimulationPlan:
         return cls(workspace_id, calls=2, conversations=1, forever=True)
 
 
+@dataclass(eq=False)
+class LiveCall:
+    """A call on the air. `interrupt` cuts its script short at the next step: for a hang-up
+    from the API (the API stores the end) or for the simulator's stop (the call ends itself)."""
+
+    call_id: str
+    transport: str
+    started: float = field(default_factory=time.time)
+    interrupt: asyncio.Event = field(default_factory=asyncio.Event)
+    hung_up: bool = False
+    completing: bool = False  # its own `call.completed` is on its way
+    task: asyncio.Task[None] | None = None
+
+    async def pause(self, seconds: float) -> bool:
+        """Waits `seconds`; True if the call was interrupted meanwhile (or before)."""
+        if not self.interrupt.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, seconds)):
+                    await self.interrupt.wait()
+        return self.interrupt.is_set()
+
+    def hang_up(self) -> None:
+        self.hung_up = True
+        self.interrupt.set()
+
+
 class Simulator:
     def __init__(self, client: Client, plan: SimulationPlan) -> None:
         self.client = client
         self.plan = plan
         self.producer = Producer(client)
         self.rng = random.Random(plan.seed)
-        self.live_calls: dict[str, asyncio.Task[None]] = {}
-        self.finished_calls: list[str] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self.live_calls: dict[str, LiveCall] = {}
+        self.finished_calls: list[str] = []  # played to the end of their script
+        self.ended_calls: list[str] = []  # ended as failed by a stop or a start
+        self._ledger: CallLedger | None = None
+        self._plan_task: asyncio.Task[None] | None = None
         self._subscriptions: list[Subscription] = []
+        self._stopping = False
         self._number = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         ws = self.plan.workspace_id
+        self._ledger = await CallLedger.open(self.client.jetstream(), ws)
+        await self._end_left_behind()
         self._subscriptions.append(
             await self.client.subscribe(f"vb.{ws}.call.*.control", cb=self._on_control)
         )
@@ -62,68 +102,140 @@ class Simulator:
             await self.client.subscribe(f"vb.{ws}.call.*.events", cb=self._on_call_event)
         )
         await self.client.flush()
-        self._tasks.append(asyncio.create_task(self._run_plan()))
+        self._plan_task = asyncio.create_task(self._run_plan())
 
     async def wait(self) -> None:
-        """Until the plan's calls and conversations have all played (not for `forever`)."""
-        await asyncio.gather(*self._tasks)
+        """Until the plan's calls and conversations have all played (not for `forever`), and
+        the calls placed through the API meanwhile have too."""
+        if self._plan_task is not None:
+            await self._plan_task
+        await self._until_done([c.task for c in self.live_calls.values() if c.task])
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self.live_calls.values()]:
-            task.cancel()
-        for task in [*self._tasks, *self.live_calls.values()]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        """Stops playing: no new call or conversation begins, and every call on the air ends
+        with a stored `call.completed` (`failed`, ended by the `system`) before this returns."""
+        self._stopping = True
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
+        if self._plan_task is not None:
+            self._plan_task.cancel()  # conversations stop; calls are tasks of their own
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._plan_task
+        calls = [c for c in self.live_calls.values() if c.task is not None]
+        for call in calls:
+            call.interrupt.set()
+        if calls:
+            _, late = await asyncio.wait([c.task for c in calls if c.task], timeout=STOP_GRACE)
+            for task in late:  # the bus is not answering: the next start ends these calls
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _end_left_behind(self) -> None:
+        """Ends the calls on record for this workspace that no simulator is playing now: a
+        predecessor was killed before it could end them. The bus says which of them began and
+        which have already ended (the record may be a step behind it)."""
+        assert self._ledger is not None
+        js = self.client.jetstream()
+        for call_id, started in (await self._ledger.calls()).items():
+            try:
+                stored = await stored_call(js, self.plan.workspace_id, call_id)
+                if stored.initiated and not stored.completed:
+                    await self._end_failed(call_id, started)
+                await self._ledger.remove(call_id)
+            except Exception as failure:  # kept on record: the next start tries again
+                log.warning("could not end left-behind call %s: %s", call_id, failure)
+
+    async def _end_failed(self, call_id: str, started: float) -> None:
+        await self.producer.event(
+            "call.completed",
+            workspace_id=self.plan.workspace_id,
+            call_id=call_id,
+            payload={
+                "status": "failed",
+                "duration_seconds": round(max(0.0, time.time() - started), 3),
+                "ended_by": "system",
+            },
+        )
+        self.ended_calls.append(call_id)
 
     # --- the plan ----------------------------------------------------------------------------
 
     async def _run_plan(self) -> None:
         while True:
-            plays = [self._inbound_call() for _ in range(self.plan.calls)]
-            plays += [self._conversation() for _ in range(self.plan.conversations)]
-            await asyncio.gather(*plays)
+            calls = [
+                self._launch(self._new_call_id(), inbound=True) for _ in range(self.plan.calls)
+            ]
+            await asyncio.gather(
+                self._until_done(calls),
+                *(self._conversation() for _ in range(self.plan.conversations)),
+            )
             if not self.plan.forever:
                 return
             await asyncio.sleep(self.rng.uniform(2.0, 6.0) * self.plan.pace)
+
+    @staticmethod
+    async def _until_done(tasks: list[asyncio.Task[None]]) -> None:
+        # Not gather: cancelling the plan must not cancel its calls, which end themselves.
+        if tasks:
+            await asyncio.wait(tasks)
 
     def _phone(self) -> str:
         self._number += 1
         return f"+1415{self.rng.randint(2000000, 9999999)}"
 
-    async def _inbound_call(self) -> None:
-        await asyncio.sleep(self.rng.uniform(0, 2.0) * self.plan.pace)
-        call_id = "call_" + "".join(
+    def _new_call_id(self) -> str:
+        return "call_" + "".join(
             self.rng.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(22)
         )
-        transport = self.rng.choice(self.plan.transports)
-        await self.producer.event(
-            "call.initiated",
-            workspace_id=self.plan.workspace_id,
-            call_id=call_id,
-            payload={
-                "direction": "inbound",
-                "from_number": self._phone(),
-                "to_number": "+14155550000",
-                "transport": transport,
-            },
-        )
-        await self._play_call(call_id, transport)
 
-    async def _play_call(self, call_id: str, transport: str) -> None:
-        steps = call_script(self.rng, transport=transport)
-        task = asyncio.current_task()
-        assert task is not None
-        self.live_calls[call_id] = task
+    def _launch(
+        self, call_id: str, *, inbound: bool, transport: str | None = None
+    ) -> asyncio.Task[None]:
+        call = LiveCall(call_id, transport or self.rng.choice(self.plan.transports))
+        self.live_calls[call_id] = call
+        call.task = asyncio.create_task(self._run_call(call, inbound=inbound))
+        return call.task
+
+    async def _run_call(self, call: LiveCall, *, inbound: bool) -> None:
+        """Plays one call: an inbound one begins with its `call.initiated`, one placed through
+        the API has had it already. It is on record in the ledger from before its first event
+        until its end is stored, so a simulator killed meanwhile leaves it to the next."""
+        assert self._ledger is not None
+        ws = self.plan.workspace_id
         try:
-            for step in steps:
-                await asyncio.sleep(step.delay * self.plan.pace)
-                await self._play(step, call_id=call_id)
-            self.finished_calls.append(call_id)
+            if inbound and await call.pause(self.rng.uniform(0, 2.0) * self.plan.pace):
+                return  # stopped before it began
+            call.started = time.time()
+            await self._ledger.add(call.call_id, call.started)
+            if inbound:
+                await self.producer.event(
+                    "call.initiated",
+                    workspace_id=ws,
+                    call_id=call.call_id,
+                    payload={
+                        "direction": "inbound",
+                        "from_number": self._phone(),
+                        "to_number": "+14155550000",
+                        "transport": call.transport,
+                    },
+                )
+            for step in call_script(self.rng, transport=call.transport):
+                if await call.pause(step.delay * self.plan.pace):
+                    if not call.hung_up:  # stopping: the call ends here, as failed
+                        call.completing = True
+                        await self._end_failed(call.call_id, call.started)
+                    break
+                call.completing = step.data.get("event_type") == "call.completed"
+                await self._play(step, call_id=call.call_id)
+            else:
+                self.finished_calls.append(call.call_id)
+            await self._ledger.remove(call.call_id)
+        except Exception as failure:  # the bus is down: the ledger keeps the call for later
+            log.warning("simulated call %s stopped: %s", call.call_id, type(failure).__name__)
         finally:
-            self.live_calls.pop(call_id, None)
+            self.live_calls.pop(call.call_id, None)
 
     async def _play(
         self, step: Step, *, call_id: str | None = None, conversation: dict[str, Any] | None = None
@@ -170,18 +282,25 @@ class Simulator:
     # --- the media plane ---------------------------------------------------------------------
 
     async def _on_call_event(self, msg: Msg) -> None:
-        """Runs calls placed with POST /v1/calls (their `call.initiated` comes from the API)."""
+        """Runs calls placed with POST /v1/calls (their `call.initiated` comes from the API),
+        and drops a call that someone else ended (the API's hang-up, if its control message
+        was lost)."""
         try:
             envelope = orjson.loads(msg.data)
         except orjson.JSONDecodeError:
             return
-        if (
-            envelope.get("event_type") == "call.initiated"
-            and envelope.get("payload", {}).get("direction") == "outbound"
-            and envelope["call_id"] not in self.live_calls
-        ):
-            transport = envelope["payload"].get("transport", "sip")
-            self._tasks.append(asyncio.create_task(self._play_call(envelope["call_id"], transport)))
+        if not isinstance(envelope, dict) or self._stopping:
+            return
+        call_id = envelope.get("call_id")
+        payload = envelope.get("payload")
+        if not isinstance(call_id, str) or not isinstance(payload, dict):
+            return
+        kind = envelope.get("event_type")
+        live = self.live_calls.get(call_id)
+        if kind == "call.initiated" and payload.get("direction") == "outbound" and live is None:
+            self._launch(call_id, inbound=False, transport=str(payload.get("transport", "sip")))
+        elif kind == "call.completed" and live is not None and not live.completing:
+            live.hang_up()
 
     async def _on_control(self, msg: Msg) -> None:
         try:
@@ -191,9 +310,9 @@ class Simulator:
         call_id = msg.subject.split(".")[3]
         action = command.get("action")
         if action == "hangup":
-            task = self.live_calls.pop(call_id, None)
-            if task is not None:
-                task.cancel()  # the API has already recorded and published the end
+            call = self.live_calls.get(call_id)
+            if call is not None:
+                call.hang_up()  # the API has already recorded the end and stores its event
             return
         if action != "send_dtmf" or not msg.reply:
             return
