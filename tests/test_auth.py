@@ -15,6 +15,15 @@ from switchboard.ids import new_id
 from tests.harness import ServerThread, Workspace, eventually
 from tests.routes import fill, routes
 
+ID_PREFIXES = {
+    "call_id": "call",
+    "conversation_id": "conv",
+    "agent_id": "agt",
+    "key_id": "key",
+    "webhook_id": "whk",
+    "delivery_id": "del",
+}
+
 
 def assert_unauthenticated(response: httpx.Response) -> dict[str, str]:
     assert response.status_code == 401, response.text
@@ -42,14 +51,7 @@ async def test_query_token_is_refused_on_every_route_even_beside_a_valid_header(
     client: httpx.AsyncClient, server: ServerThread, workspace: Workspace
 ) -> None:
     """Every route the router knows, plus the health and docs pages."""
-    ids = {
-        "call_id": new_id("call"),
-        "conversation_id": new_id("conv"),
-        "agent_id": new_id("agt"),
-        "key_id": new_id("key"),
-        "webhook_id": new_id("whk"),
-        "delivery_id": new_id("del"),
-    }
+    ids = {name: new_id(prefix) for name, prefix in ID_PREFIXES.items()}
     checked = 0
     for method, template, _params in routes(server.app):
         if method == "WS":
@@ -73,6 +75,32 @@ async def test_query_token_is_refused_on_every_route_even_beside_a_valid_header(
             assert workspace.key not in response.text
         checked += 1
     assert checked >= 15  # the router really was read
+
+
+async def test_credential_query_parameters_in_any_case_or_encoding_are_refused_on_every_route(
+    client: httpx.AsyncClient, server: ServerThread, workspace: Workspace
+) -> None:
+    """`?token=` decoded (`tok%65n=`), in another case, or under another usual name: a key in
+    a URL is refused wherever `?token=` is, and beside `?token=` on the two call streams."""
+    ids = {name: new_id(prefix) for name, prefix in ID_PREFIXES.items()}
+    variants = ["tok%65n", "%74oken", "TOKEN", "access_token", "api_key"]
+    checked = 0
+    for method, template, _params in routes(server.app):
+        if method == "WS":
+            continue
+        path = fill(template, ids)
+        for name in variants:
+            query = f"{name}={workspace.key}"
+            allowed = query_token_allowed(method, path) and name in ("tok%65n", "%74oken")
+            headers = {} if allowed else workspace.headers
+            response = await client.request(method, f"{path}?{query}", headers=headers, json={})
+            if allowed:
+                assert response.status_code == 404, (method, path, name, response.text)
+            else:
+                assert_unauthenticated(response)
+                assert workspace.key not in response.text
+            checked += 1
+    assert checked >= 15 * len(variants)
 
 
 async def test_missing_malformed_unknown_keys_get_401(
