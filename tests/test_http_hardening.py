@@ -29,7 +29,7 @@ from switchboard.auth.policy import (
 )
 from switchboard.config import Settings, load_settings
 from switchboard.db.database import prepare_database
-from switchboard.embedded import EmbeddedPostgres
+from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
 from switchboard.ids import is_id, new_id
 from switchboard.logs import configure_logging, printable, redact
 from tests.harness import ServerThread, Workspace, eventually, new_workspace
@@ -545,3 +545,44 @@ async def test_with_postgres_down_every_path_is_a_503_and_the_log_says_so_once(
     ]
     assert sum("unavailable (" in line for line in http_lines) == 1, http_lines
     assert sum("available again" in line for line in http_lines) == 1, http_lines
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+async def test_with_nats_down_opening_a_transcript_stream_is_a_503_logged_once(
+    own_nats: EmbeddedNats, database_url: str, workspace: Workspace
+) -> None:
+    settings = Settings(database_url=database_url, nats_url=own_nats.client_url)
+    server = ServerThread(settings, database_url, own_nats.client_url).start()
+    collected = Collected()
+    logging.getLogger("switchboard.api").addHandler(collected)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+            h = workspace.headers
+            call = (
+                await client.post(
+                    "/v1/calls",
+                    headers=h,
+                    json={"to_number": "+14155550100", "from_number": "+14155550101"},
+                )
+            ).json()["id"]
+            own_nats.stop()
+            for _ in range(2):  # each waits out the stream's own wait for the bus (5 s)
+                response = await client.get(f"/v1/calls/{call}/transcript/stream", headers=h)
+                assert_envelope(response, 503, "UNAVAILABLE")
+                assert response.headers["retry-after"] == "1"
+            # (Its end is logged when the bus client reconnects, which takes nats-py's backoff:
+            # the Postgres test above covers the line that ends an outage.)
+    finally:
+        logging.getLogger("switchboard.api").removeHandler(collected)
+        server.stop()
+    assert not [r for r in collected.records if r.exc_info]
+    lines = [r.getMessage() for r in collected.records if r.name == "switchboard.api.middleware"]
+    assert sum("bus" in line and "unavailable (" in line for line in lines) == 1, lines

@@ -247,7 +247,8 @@ def create_app(services: Services) -> ASGIApp:
                 services.settings.write_deadline,
             ),
             services.settings.max_body_bytes,
-        )
+        ),
+        bus_connected=lambda: services.bus.connected,
     )
 
 

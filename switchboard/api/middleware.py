@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +69,9 @@ class RequestContext:
     The framework answers exceptions inside it itself and re-raises them; those arrive here
     with the response complete, and are only logged."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, bus_connected: Callable[[], bool] = lambda: True) -> None:
         self.app = app
+        self.bus_connected = bus_connected
         self.outages = {
             "database": OutageLog(log, "The database (as the HTTP API sees it)"),
             "bus": OutageLog(log, "The bus (as the HTTP API sees it)"),
@@ -116,6 +118,8 @@ class RequestContext:
         else:
             self._succeeded(path, progress.status)
         finally:
+            if self.outages["bus"].down and self.bus_connected():
+                self.outages["bus"].recovered()
             access_log.info(
                 "%s %s %s",
                 scope.get("method", "WS"),
@@ -145,14 +149,11 @@ class RequestContext:
         # else: complete (the framework answered) or cut half-way (the server drops it).
 
     def _succeeded(self, path: str, status: int) -> None:
-        """A request that used a dependency and succeeded ends that dependency's outage. Every
-        `/v1` success has used the database (a route's rows, or a key not yet cached, or a
-        call's state); only stream openings use the bus."""
-        if not 0 < status < 400 or not is_v1(path):
-            return
-        self.outages["database"].recovered()
-        if is_stream_path(path):
-            self.outages["bus"].recovered()
+        """A `/v1` success ends an outage of the database: every one has used it (a route's
+        rows, a key not yet cached, a call's state). The bus is judged by its client's own
+        state instead (a stream may open degraded while it is away)."""
+        if 0 < status < 400 and is_v1(path):
+            self.outages["database"].recovered()
 
 
 def _with(headers: Any, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
