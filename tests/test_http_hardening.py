@@ -113,6 +113,16 @@ async def test_an_id_with_a_trailing_newline_is_a_400_on_every_stream_path(
         server.url, upgrade(f"/v1/calls/{call}/stream", f"Authorization: Bearer {workspace.key}")
     )
     assert_raw_envelope(answer, 400, "INVALID_ARGUMENT")
+    # A newline after a whole path is no route either (the framework's `$` would match it).
+    real = (
+        await client.post(
+            "/v1/calls",
+            headers=h,
+            json={"to_number": "+14155550100", "from_number": "+14155550101"},
+        )
+    ).json()["id"]
+    for path in (f"/v1/calls/{real}/transcript/stream%0A", "/v1/workspace%0A"):
+        assert_envelope(await client.get(path, headers=h), 404, "NOT_FOUND")
 
 
 # --- item 3: text Postgres can store, page tokens, undecodable bodies ------------------------

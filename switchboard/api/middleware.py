@@ -357,4 +357,11 @@ class StreamDispatch:
             message = f"No WebSocket route {scope['path']}."
             await send_error(scope, send, ApiError("NOT_FOUND", message))
             return
+        if scope["type"] == "http" and scope["path"].endswith("\n"):
+            # The framework's route patterns end in `$`, which also matches before a final
+            # newline: `/v1/calls/{id}/transcript/stream%0A` would be served as the stream,
+            # but under the write deadline and the wrong ?token= rule. No path ends so.
+            message = f"No route {scope['method']} {scope['path']}."
+            await send_error(scope, send, ApiError("NOT_FOUND", message))
+            return
         await self.app(scope, receive, send)
