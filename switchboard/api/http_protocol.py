@@ -195,6 +195,9 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             response = accept(request)
             if response.status_code == 101:
                 return response
+            if response.status_code >= 500:  # websockets failed itself (and logged why)
+                error = ApiError("INTERNAL", "An internal error occurred.")
+                return self._envelope_response(500, error, request.method, request.path)
             reason = response.body.decode(errors="replace").strip().splitlines()[0]
             error = ApiError("INVALID_ARGUMENT", f"Not a WebSocket handshake: {reason}")
             return self._envelope_response(400, error, request.method, request.path)
