@@ -134,6 +134,9 @@ def configure_logging(
     root.setLevel(level.upper())
     # uvicorn's own access log prints the query string, tokens included: ours replaces it.
     logging.getLogger("uvicorn.access").disabled = True
+    # asyncpg's pool warns with a full traceback each time it cannot refill during a Postgres
+    # outage; our components log the outage once (switchboard.outage) instead.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

@@ -50,6 +50,16 @@ async def database_url(backing_servers: tuple[str, str]) -> str:
     return url
 
 
+@pytest.fixture
+async def own_database(backing_servers: tuple[str, str]) -> str:
+    """A fresh database of its own, for a server on a NATS of its own: every API process relays
+    its database's outbox to *its* bus, and the session's servers must not relay this test's
+    events, nor this server the session's (a deployment shares one bus; these tests do not)."""
+    url = await create_test_database(backing_servers[0])
+    await prepare_database(url)
+    return url
+
+
 @pytest.fixture(scope="session")
 def nats_url(backing_servers: tuple[str, str]) -> str:
     return backing_servers[1]

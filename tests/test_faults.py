@@ -20,7 +20,6 @@ from nats.js.errors import NotFoundError
 
 from switchboard.bus.connection import store_envelope
 from switchboard.config import Settings
-from switchboard.db.database import prepare_database
 from switchboard.embedded import EmbeddedNats
 from switchboard.events import (
     EVENTS_STREAM,
@@ -31,7 +30,6 @@ from switchboard.events import (
 from tests.harness import (
     ServerThread,
     Workspace,
-    create_test_database,
     eventually,
     new_workspace,
 )
@@ -48,15 +46,6 @@ def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def own_database(backing_servers: tuple[str, str]) -> str:
-    """A database of its own: the relays of servers on another NATS must not relay its rows
-    (every replica of a deployment shares one bus; in tests the session server has another)."""
-    url = await create_test_database(backing_servers[0])
-    await prepare_database(url)
-    return url
 
 
 @pytest.fixture

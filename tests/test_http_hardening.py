@@ -567,10 +567,11 @@ def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
 
 @pytest.mark.slow
 async def test_with_nats_down_opening_a_transcript_stream_is_a_503_logged_once(
-    own_nats: EmbeddedNats, database_url: str, workspace: Workspace
+    own_nats: EmbeddedNats, own_database: str
 ) -> None:
-    settings = Settings(database_url=database_url, nats_url=own_nats.client_url)
-    server = ServerThread(settings, database_url, own_nats.client_url).start()
+    workspace = await new_workspace(own_database)
+    settings = Settings(database_url=own_database, nats_url=own_nats.client_url)
+    server = ServerThread(settings, own_database, own_nats.client_url).start()
     collected = Collected()
     logging.getLogger("switchboard.api").addHandler(collected)
     try:
@@ -584,7 +585,7 @@ async def test_with_nats_down_opening_a_transcript_stream_is_a_503_logged_once(
                 )
             ).json()["id"]
             own_nats.stop()
-            for _ in range(2):  # each waits out the stream's own wait for the bus (5 s)
+            for _ in range(2):
                 response = await client.get(f"/v1/calls/{call}/transcript/stream", headers=h)
                 assert_envelope(response, 503, "UNAVAILABLE")
                 assert response.headers["retry-after"] == "1"

@@ -11,6 +11,7 @@ parser, and the parser is never fed more than the limit while a head is incomple
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -63,6 +64,15 @@ def refusal(status: int, error: ApiError) -> tuple[bytes, str]:
 def log_refusal(method: str, path: str, status: int, request_id: str) -> None:
     """The access-log line of an answer given below the application (same shape as its own)."""
     access_log.info("%s %s %s", method, path, status, extra={"request_id": request_id})
+
+
+# A scope extension of ours: {"abort": transport.abort}, so a stream can drop a connection whose
+# client has stopped reading (a close would wait behind the bytes it does not read).
+CONNECTION_EXTENSION = "switchboard.connection"
+
+
+def with_abort(scope: Any, transport: asyncio.Transport) -> None:
+    scope.setdefault("extensions", {})[CONNECTION_EXTENSION] = {"abort": transport.abort}
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -137,6 +147,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._stalled_bytes = 0
+        with_abort(self.scope, self.transport)
         super().on_headers_complete()
         if self.parser.should_upgrade() and not self._should_upgrade():
             # An upgrade we do not speak (h2c, say) is answered as plain HTTP/1.1, but the
@@ -221,6 +232,9 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Request) -> None:
         try:
             super().handle_connect(event)
+            if hasattr(self, "scope"):  # not when the handshake was refused
+                # The application task is scheduled, not started: it sees the extension.
+                with_abort(self.scope, self.transport)
         except UnicodeError:
             # uvicorn re-encodes the path as ASCII; `websockets` let a non-ASCII one through.
             self._refuse_unparsed()

@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager
 from starlette.types import Message, Scope, Send
 
 from switchboard.api.deps import Services
+from switchboard.api.http_protocol import CONNECTION_EXTENSION
 from switchboard.api.responses import send_error
 from switchboard.errors import ApiError
 from switchboard.ids import is_id
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
+from switchboard.outage import BusUnavailable
 
 
 class StreamEndpoint:
@@ -37,6 +39,9 @@ class StreamEndpoint:
         """Subscribes the outbox (before the caller reads any state, so nothing that happens
         in between is missed) and always unsubscribes it, however the stream ends."""
         hub = self.services.hub
+        if not self.services.bus.connected:
+            # Fail at once (503): a subscription now would wait for its flush to time out.
+            raise BusUnavailable("the bus is not connected")
         try:
             for subject, view in watches:
                 await hub.watch(subject, workspace_id, view, outbox)
@@ -73,21 +78,18 @@ def timed_send(send: Send, outbox: Outbox) -> Send:
     return send_timed
 
 
-def hang_up_of_this_connection() -> Callable[[], object]:
+def hang_up_of_this_connection(scope: Scope) -> Callable[[], object]:
     """How to drop the current request's connection at once, from outside its writer.
 
     ASGI has no message for it: a close or a final body is queued behind the bytes the client
-    is not reading, and a graceful close waits for them too. uvicorn runs each request in a
-    task whose coroutine is `run_asgi` of the object that owns the connection's transport (the
-    HTTP cycle, the WebSocket protocol), whatever middleware wraps `receive` and `send`; that
-    transport is aborted: its buffers are discarded, the socket is closed, and the pending
-    `send` returns. Under a server that does not look like that, the stream's task is
-    cancelled instead, which frees everything of ours but leaves the socket to the server."""
-    task = asyncio.current_task()
-    assert task is not None  # called from the stream's own task
-    frame = getattr(task.get_coro(), "cr_frame", None)
-    owner = None if frame is None else frame.f_locals.get("self")
-    abort = getattr(getattr(owner, "transport", None), "abort", None)
+    is not reading, and a graceful close waits for them too. Our uvicorn protocols
+    (`api.http_protocol`) put the transport's `abort` in the scope's extensions: its buffers
+    are discarded, the socket is closed, and the pending `send` returns. Under another server
+    the stream's task is cancelled instead, which frees everything of ours but leaves the
+    socket to the server."""
+    abort = scope.get("extensions", {}).get(CONNECTION_EXTENSION, {}).get("abort")
     if callable(abort):
         return abort  # type: ignore[no-any-return]
+    task = asyncio.current_task()
+    assert task is not None  # called from the stream's own task
     return task.cancel

@@ -40,6 +40,7 @@ async def pump_sse(
     kind: str,
     principal: Principal,
     outbox: Outbox,
+    scope: Scope,
     receive: Receive,
     send: Send,
 ) -> None:
@@ -53,7 +54,7 @@ async def pump_sse(
         principal.key_id,
         expires_at=principal.expires_at,
         heartbeats=True,
-        hang_up=hang_up_of_this_connection(),
+        hang_up=hang_up_of_this_connection(scope),
     )
     send = timed_send(send, outbox)
     listener = asyncio.create_task(_watch_disconnect(receive, outbox))
@@ -116,7 +117,7 @@ class TranscriptStream(StreamEndpoint):
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
                 return
-            await pump_sse(services, self.kind, principal, outbox, receive, send)
+            await pump_sse(services, self.kind, principal, outbox, scope, receive, send)
 
 
 class ConversationStream(StreamEndpoint):
@@ -138,4 +139,4 @@ class ConversationStream(StreamEndpoint):
             if not await services.database.conversation_exists(ws, conversation_id):
                 await send_error(scope, send, not_found("conversation", conversation_id))
                 return
-            await pump_sse(services, self.kind, principal, outbox, receive, send)
+            await pump_sse(services, self.kind, principal, outbox, scope, receive, send)

@@ -79,7 +79,7 @@ class CallEventSocket(StreamEndpoint):
                 self.kind,
                 principal.key_id,
                 expires_at=principal.expires_at,
-                hang_up=hang_up_of_this_connection(),
+                hang_up=hang_up_of_this_connection(scope),
             )
             send = timed_send(send, outbox)
             try:
