@@ -87,6 +87,7 @@ class EventConsumer:
         self.outage = OutageLog(log, f"the database ({durable})")
         self._last_reject_log = -REJECT_LOG_EVERY
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self._subscription: JetStreamContext.PullSubscription | None = None
 
     async def start(self) -> None:
@@ -103,6 +104,7 @@ class EventConsumer:
             ),
         )
         self._subscription = subscription
+        self._stopping = False
         self._tasks = [
             asyncio.create_task(self._run(subscription)),
             asyncio.create_task(self._sweep_forever()),
@@ -110,8 +112,15 @@ class EventConsumer:
 
     async def stop(self) -> None:
         """Stops at once; whatever was not acknowledged is redelivered to the next consumer."""
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
+        # nats-py's fetch can swallow a cancellation and go on waiting for its timeout (1 s);
+        # the flag then ends the loop, and a repeated cancel covers any other await.
+        while pending := [task for task in self._tasks if not task.done()]:
+            await asyncio.wait(pending, timeout=0.5)
+            for task in pending:
+                task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -123,7 +132,7 @@ class EventConsumer:
             self._subscription = None
 
     async def _run(self, subscription: JetStreamContext.PullSubscription) -> None:
-        while True:
+        while not self._stopping:
             try:
                 messages = await subscription.fetch(BATCH, timeout=1)
             except (FetchTimeoutError, NatsTimeout, TimeoutError):
