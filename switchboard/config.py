@@ -35,6 +35,8 @@ class Settings:
     shutdown_grace: float = 5.0
     # Largest request body; a bigger one is refused with 413 before it is buffered (SPEC 6).
     max_body_bytes: int = 1048576
+    # Largest request line and headers together; more is refused with 431 before it is parsed.
+    max_header_bytes: int = 16384
     # The application role's password; unset, a random one kept in the database is used.
     app_role_password: str | None = field(default=None, repr=False)
 

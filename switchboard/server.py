@@ -240,9 +240,13 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
 
     return uvicorn.Config(
         app,
-        # uvicorn's httptools and websockets-sansio protocols, with the 16 KiB head limit (431)
-        # and the error envelope on the answers they give themselves (api/http_protocol.py).
-        http=GatewayHttpProtocol,
+        # uvicorn's httptools and websockets-sansio protocols, with the head limit (431) and
+        # the error envelope on the answers they give themselves (api/http_protocol.py).
+        http=type(
+            "ConfiguredHttpProtocol",
+            (GatewayHttpProtocol,),
+            {"max_head_bytes": settings.max_header_bytes},
+        ),
         ws=GatewayWebSocketProtocol,
         loop="none",
         lifespan="off",

@@ -260,6 +260,17 @@ async def test_a_head_over_16_kib_gets_431_before_the_rest_is_read(server: Serve
     assert_raw_envelope(answer, 431, "INVALID_ARGUMENT")
 
 
+async def test_the_head_limit_is_a_setting(make_server: Callable[..., ServerThread]) -> None:
+    server = make_server(max_header_bytes=4096)
+    over = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5_000 + b"\r\n\r\n"
+    answer, closed = await exchange(server.url, over)
+    body = assert_raw_envelope(answer, 431, "INVALID_ARGUMENT")
+    assert "4096" in body["message"] and closed
+    fits = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3_000 + b"\r\n\r\n"
+    answer, _ = await exchange(server.url, fits)
+    assert answer.status == 200
+
+
 async def test_an_endless_trailer_is_refused_like_a_head(server: ServerThread) -> None:
     raw = (
         b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
