@@ -51,7 +51,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "INVALID_ARGUMENT"),
         (401, "UNAUTHENTICATED"),
         (404, "NOT_FOUND"),
-        (503, "UNAVAILABLE"),
+        (413, "INVALID_ARGUMENT: the body is over SWITCHBOARD_MAX_BODY_BYTES"),
+        (431, "INVALID_ARGUMENT: the request head is over SWITCHBOARD_MAX_HEADER_BYTES"),
+        (500, "INTERNAL: a bug; the body never carries a stack trace"),
+        (503, "UNAVAILABLE: a dependency is down and nothing was changed; see Retry-After"),
         (504, "DEADLINE_EXCEEDED"),
     )
 }
