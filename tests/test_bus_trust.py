@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import orjson
 import pytest
 from nats.aio.client import Client
@@ -28,7 +29,7 @@ from switchboard.ids import new_id
 from switchboard.live.metrics import Metrics
 from switchboard.recorder.consumer import Recorder
 from switchboard.webhooks.router import WebhookRouter
-from tests.harness import Workspace, eventually
+from tests.harness import ServerThread, Workspace, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -288,3 +289,57 @@ async def test_an_event_that_fails_every_attempt_is_parked_not_retried_forever(
 
     reason = await eventually(parked_reason, within=30)
     assert "failed 3 times" in reason, (subject, reason)
+
+
+async def test_live_streams_never_show_an_envelope_that_disagrees_with_its_subject(
+    server: ServerThread, bus: Client, workspace: Workspace, other_workspace: Workspace
+) -> None:
+    h = workspace.headers
+    async with httpx.AsyncClient(base_url=server.url, timeout=15) as client:
+        first = await client.post(
+            "/v1/messages",
+            headers=h,
+            json={
+                "channel": "sms",
+                "to_number": "+14155550170",
+                "from_number": "+14155550171",
+                "text": "first",
+            },
+        )
+        conversation = first.json()["conversation_id"]
+        subject = conversation_events_subject(workspace.id, conversation)
+
+        def received(workspace_id: str, conversation_id: str, text: str) -> bytes:
+            return orjson.dumps(
+                make_envelope(
+                    "message.received",
+                    workspace_id=workspace_id,
+                    channel="sms",
+                    conversation_id=conversation_id,
+                    payload={
+                        "message_id": new_id("msg"),
+                        "direction": "inbound",
+                        "text": text,
+                        "status": "received",
+                    },
+                )
+            )
+
+        async with client.stream(
+            "GET", f"/v1/conversations/{conversation}/stream", headers=h
+        ) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            await bus.publish(subject, received(other_workspace.id, conversation, "forged ws"))
+            await bus.publish(subject, received(workspace.id, new_id("conv"), "misfiled"))
+            await bus.publish(subject, received(workspace.id, conversation, "honest"))
+            texts: list[str] = []
+            while "honest" not in texts:
+                line = await asyncio.wait_for(anext(lines), 10)
+                if line.startswith("data:"):
+                    texts.append(orjson.loads(line[5:])["payload"]["text"])
+        metrics = (await client.get("/metrics")).text
+    assert "forged ws" not in texts and "misfiled" not in texts
+    name = 'switchboard_live_messages_rejected_total{reason="subject_mismatch"} '
+    counted = [line for line in metrics.splitlines() if line.startswith(name)]
+    assert counted and int(counted[0].split()[-1]) >= 2, counted

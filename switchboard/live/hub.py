@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from switchboard.events import subject_mismatch
 from switchboard.live.frames import Ending, Terminal, sse_data
 from switchboard.live.metrics import Metrics
 from switchboard.live.outbox import Item, Outbox
@@ -24,6 +25,8 @@ from switchboard.live.outbox import Item, Outbox
 log = logging.getLogger(__name__)
 
 TURN_FIELDS = ("role", "text", "is_final", "turn_id", "ts")
+REJECTED_METRIC = "switchboard_live_messages_rejected_total"
+REJECT_LOG_EVERY = 60.0
 
 
 class View(Enum):
@@ -61,6 +64,11 @@ class Topic:
     watchers: dict[View, set[Outbox]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    @property
+    def envelopes(self) -> bool:
+        """An `.events` subject: every message on it is an envelope (a turn is not)."""
+        return self.subject.endswith(".events")
+
     def empty(self) -> bool:
         return not any(self.watchers.values())
 
@@ -71,6 +79,12 @@ class Hub:
         self.metrics = metrics
         self.topics: dict[str, Topic] = {}
         metrics.bus_subscriptions = self.subscription_count
+        self.rejected = metrics.counter(
+            REJECTED_METRIC,
+            "Bus messages the live hub dropped before any client saw them.",
+            "reason",
+        )
+        self._last_reject_log = -REJECT_LOG_EVERY
 
     def subscription_count(self) -> int:
         return sum(1 for topic in self.topics.values() if topic.subscription is not None)
@@ -125,9 +139,16 @@ class Hub:
                 return
             if not isinstance(message, dict):
                 return
-            # Defence in depth: an envelope naming another workspace never reaches a client.
-            if "workspace_id" in message and message["workspace_id"] != topic.workspace_id:
-                log.warning("dropped an envelope whose workspace does not match its subject")
+            # The subject is the authority (SPEC 7): an envelope naming another workspace, call
+            # or conversation never reaches a client. Turns carry no workspace to compare.
+            if topic.envelopes:
+                mismatch = subject_mismatch(topic.subject, message)
+            elif "workspace_id" in message and message["workspace_id"] != topic.workspace_id:
+                mismatch = "workspace_id differs from the subject's"
+            else:
+                mismatch = None
+            if mismatch is not None:
+                self._reject(mismatch)
                 return
             topic.seq += 1
             # No await below: the watcher sets cannot change while we walk them, so no copies.
@@ -142,3 +163,13 @@ class Hub:
                             outbox.offer(item)
 
         return receive
+
+    def _reject(self, why: str) -> None:
+        """Counted always; logged at most once a minute (a producer could fill the log)."""
+        self.rejected["subject_mismatch"] += 1
+        now = time.monotonic()
+        if now - self._last_reject_log >= REJECT_LOG_EVERY:
+            self._last_reject_log = now
+            log.warning(
+                "dropped a message for live streams: %s (counted in %s)", why, REJECTED_METRIC
+            )
