@@ -43,6 +43,9 @@ STANDBY_SECONDS = 2.0  # how often a standby relay tries to take over
 RETRY_SECONDS = 0.5  # pause after the bus or the database refused
 # Rows older than this may have been stored by an attempt the duplicate window no longer covers.
 UNCERTAIN_AGE = DUPLICATE_WINDOW_SECONDS - 3 * PUBLISH_TIMEOUT
+# The history check compares Postgres's clock (when a row was staged) with NATS's (when a message
+# was stored): it reads from this long before the row, so clocks a minute apart still agree.
+CLOCK_SKEW = timedelta(seconds=60)
 
 
 async def stage_event(conn: Connection, envelope: Mapping[str, Any]) -> None:
@@ -187,7 +190,7 @@ class OutboxRelay:
         found: set[str] = set()
         try:
             for subject, start in since.items():
-                found |= await self._stored_ids(subject, start - timedelta(seconds=5))
+                found |= await self._stored_ids(subject, start - CLOCK_SKEW)
         except asyncio.CancelledError:
             raise
         except Exception as failure:
