@@ -12,11 +12,44 @@ import asyncpg
 import httpx
 import pytest
 import uvicorn
+from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from switchboard.api.middleware import RequestContext, WriteDeadline
+from switchboard.ids import new_id
 from switchboard.server import bind_socket
 from tests.harness import ServerThread, Workspace
+from tests.routes import fastapi_app
+
+
+async def test_a_write_that_has_committed_is_answered_even_past_the_deadline(
+    make_server: Callable[..., ServerThread], workspace: Workspace, database_url: str
+) -> None:
+    """A 504 after the commit would report a write that happened as failed (a phantom write,
+    SPEC 6): a request that has begun to commit finishes its answer, late."""
+    server = make_server(write_deadline=0.5)
+    agent_id = new_id("agt")
+
+    async def slow_after_commit(request: Request) -> dict[str, str]:
+        services = request.app.state.services
+        workspace_id = request.scope["state"]["principal"].workspace_id
+        async with services.database.workspace(workspace_id) as conn:
+            await conn.execute(
+                "INSERT INTO agents (id, workspace_id, name) VALUES ($1, $2, 'late')",
+                agent_id,
+                workspace_id,
+            )
+        await asyncio.sleep(1.0)  # the answer is slow to write; the write has happened
+        return {"id": agent_id}
+
+    # A server of its own: the shared one's route table is what other tests walk.
+    fastapi_app(server.app).add_api_route("/v1/slow-after-commit", slow_after_commit)
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        response = await client.get("/v1/slow-after-commit", headers=workspace.headers)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"id": agent_id}
+        found = await client.get(f"/v1/agents/{agent_id}", headers=workspace.headers)
+        assert found.status_code == 200
 
 
 async def test_a_route_that_overruns_gets_504_and_changes_nothing(

@@ -29,6 +29,7 @@ from switchboard.auth.policy import (
     query_tokens,
     stream_call_id,
 )
+from switchboard.db.commits import reporting_commits
 from switchboard.errors import ApiError
 from switchboard.ids import new_id
 from switchboard.live.metrics import Metrics
@@ -221,7 +222,9 @@ class DeadlineExceededAfterStart(Exception):
 
 class WriteDeadline:
     """Every route but the three streams must finish writing its response within `seconds`:
-    504 DEADLINE_EXCEEDED if nothing was sent yet, otherwise the connection is closed."""
+    504 DEADLINE_EXCEEDED if nothing was sent yet, otherwise the connection is closed. A request
+    whose transaction has begun to commit is the exception: it finishes its answer, because an
+    error would report a write that happened as failed (a phantom write)."""
 
     def __init__(self, app: ASGIApp, seconds: float) -> None:
         self.app = app
@@ -232,6 +235,9 @@ class WriteDeadline:
             await self.app(scope, receive, send)
             return
         response_started = False
+        committed = expired = False
+        task = asyncio.current_task()
+        assert task is not None
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
@@ -239,12 +245,26 @@ class WriteDeadline:
                 response_started = True
             await send(message)
 
+        def on_commit() -> None:
+            nonlocal committed
+            committed = True
+
+        def on_deadline() -> None:
+            nonlocal expired
+            # A request that has begun to commit finishes its answer, late rather than false:
+            # a 504 or a cut connection now could report a write that happened as failed.
+            if not committed:
+                expired = True
+                task.cancel()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_at(loop.time() + self.seconds, on_deadline)
         try:
-            async with asyncio.timeout(self.seconds) as window:
+            with reporting_commits(on_commit):
                 await self.app(scope, receive, tracking_send)
-        except TimeoutError:
-            if not window.expired():
-                raise
+        except asyncio.CancelledError:
+            if not expired or task.uncancel() > 0:
+                raise  # cancelled by someone else (shutdown, a disconnect) as well
             if response_started:
                 raise DeadlineExceededAfterStart(scope["path"]) from None
             await send_error(
@@ -256,6 +276,8 @@ class WriteDeadline:
                     headers={"Connection": "close"},
                 ),
             )
+        finally:
+            deadline.cancel()
 
 
 class Authentication:

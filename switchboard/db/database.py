@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from switchboard.db.commits import commit_starting
 from switchboard.db.migrate import apply_migrations
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,9 @@ class Database:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT set_config('app.workspace_id', $1, true)", workspace_id)
             yield conn
+            # Reached only when the body did not raise: the transaction commits next, and from
+            # here the request must not be answered with an error (db/commits.py).
+            commit_starting()
 
     async def key_candidates(self, display_prefix: str) -> list[ApiKeyCandidate]:
         """Unrevoked keys whose secret starts with `display_prefix` (the one path around RLS)."""
