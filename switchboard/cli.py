@@ -299,20 +299,45 @@ def simulate(
 
 @main.command("tail")
 @click.argument("stream_id")
-@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The server.")
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    default=["http://127.0.0.1:8080"],
+    show_default=True,
+    help="The server; repeat it to name replicas, tried in turn when one is down or draining.",
+)
 @click.option(
     "--key", envvar="SWITCHBOARD_API_KEY", required=True, help="API key (or SWITCHBOARD_API_KEY)."
 )
-def tail_command(stream_id: str, url: str, key: str) -> None:
-    """Follow a call's live transcript (call_...) or a conversation (conv_...)."""
-    from switchboard.client import StreamError
-    from switchboard.client.tail import tail
+@click.option(
+    "--from-start", is_flag=True, help="A call: print every final turn so far first, then follow."
+)
+@click.option(
+    "--event-types",
+    default="",
+    help="events: only these types, comma-separated; a trailing * matches a prefix (message.*).",
+)
+def tail_command(
+    stream_id: str, urls: tuple[str, ...], key: str, from_start: bool, event_types: str
+) -> None:
+    """Follow a call's live transcript (call_...), a conversation (conv_...) or every event of
+    the workspace (events). Reconnects resume where they left off."""
+    from switchboard.client import StreamClosed, StreamError
+    from switchboard.client.tail import WORKSPACE, tail
 
-    if not stream_id.startswith(("call_", "conv_")):
-        raise click.BadParameter("must be a call_... or conv_... id", param_hint="STREAM_ID")
+    if not stream_id.startswith(("call_", "conv_")) and stream_id != WORKSPACE:
+        raise click.BadParameter(
+            f"must be a call_... or conv_... id, or {WORKSPACE}", param_hint="STREAM_ID"
+        )
+    if from_start and not stream_id.startswith("call_"):
+        raise click.BadParameter("only a call's transcript starts over", param_hint="--from-start")
+    types = [kind.strip() for kind in event_types.split(",") if kind.strip()]
+    if types and stream_id != WORKSPACE:
+        raise click.BadParameter(f"only for {WORKSPACE}", param_hint="--event-types")
     try:
-        _run(tail(url, key, stream_id))
-    except StreamError as error:
+        _run(tail(urls, key, stream_id, from_start=from_start, event_types=types))
+    except (StreamError, StreamClosed) as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass

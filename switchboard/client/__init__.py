@@ -3,11 +3,30 @@
 where SPEC allows it (drain, dropped connections, silence past the heartbeat timeout), and a
 call socket that sends DTMF and awaits its result.
 
-    async with SwitchboardClient("http://127.0.0.1:8080", api_key) as sb:
-        async for turn in sb.transcript(call_id):
+Every stream keeps the cursor of the last frame it received and resumes from it on every
+reconnect (SPEC 5.4), on the same server or the next of several base URLs, so a reconnect loses
+no durable frame; a `gap` reconnects at once to get dropped frames back, and a `reset` (the
+server did not know the cursor) is reported through `on_reset` and `stream.position.resets`.
+
+    async with SwitchboardClient(["http://a:8080", "http://b:8080"], api_key) as sb:
+        async for turn in sb.transcript(call_id, from_start=True):
             print(turn["role"], turn["text"], "(final)" if turn["is_final"] else "")
 """
 
-from switchboard.client.streams import StreamClosed, StreamError, SwitchboardClient
+from switchboard.client.resume import Position
+from switchboard.client.streams import (
+    CallSocket,
+    SseStream,
+    StreamClosed,
+    StreamError,
+    SwitchboardClient,
+)
 
-__all__ = ["StreamClosed", "StreamError", "SwitchboardClient"]
+__all__ = [
+    "CallSocket",
+    "Position",
+    "SseStream",
+    "StreamClosed",
+    "StreamError",
+    "SwitchboardClient",
+]

@@ -36,7 +36,7 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
                 current.id = value
             elif name == "event":
                 current.event = value
-            elif name == "retry":
-                current.retry = int(value)
+            elif name == "retry" and value.isascii() and value.isdigit():
+                current.retry = int(value)  # anything else is ignored, as EventSource does
     if current != SseEvent():
         yield current

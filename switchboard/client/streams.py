@@ -1,24 +1,40 @@
-"""The client's streams (see the package docstring)."""
+"""The client's streams (see the package docstring): the I/O around `resume.py`'s bookkeeping."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from switchboard.client.resume import (
+    RETRYABLE_STATUSES,
+    End,
+    Fail,
+    Frame,
+    Position,
+    Reconnect,
+    Reset,
+    Resume,
+    error_of,
+    socket_step,
+    sse_step,
+)
 from switchboard.client.sse import sse_events
 
-RECONNECTABLE_CODES = ("UNAVAILABLE", "INTERNAL")  # drain or a server fault: try elsewhere
-RECONNECTABLE_CLOSES = (1011, 1012)
+# 1001 going away and 1013 try again later come from proxies; 1006 is a dropped connection.
+RECONNECTABLE_CLOSES = (1001, 1006, 1011, 1012, 1013)
+
+OnReset = Callable[[str], None]
 
 
 class StreamError(Exception):
@@ -34,9 +50,12 @@ class StreamClosed(Exception):
 
 
 class SwitchboardClient:
+    """One API key, one or more base URLs (replicas, or load balancers in front of them): a
+    stream that cannot connect, or whose server drains, goes on with the next URL."""
+
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         api_key: str,
         *,
         heartbeat_timeout: float = 75.0,  # 2.5 x the server's 30 s heartbeat
@@ -44,15 +63,19 @@ class SwitchboardClient:
         max_attempts: int = 10,
         rng: random.Random | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("SwitchboardClient needs at least one base URL")
+        self.base_urls = tuple(url.rstrip("/") for url in urls)
+        self.base_url = self.base_urls[0]
         self.api_key = api_key
         self.heartbeat_timeout = heartbeat_timeout
         self.max_backoff = max_backoff
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self.connections = 0  # how many times a stream (re)connected, for callers' metrics
+        self.preferred = 0  # the base URL that last accepted a stream: new streams start there
         self.http = httpx.AsyncClient(
-            base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=httpx.Timeout(10.0, read=None),
         )
@@ -72,67 +95,186 @@ class SwitchboardClient:
         """Full jitter: uniform in [0, min(max, 0.5 * 2**attempt)] seconds."""
         return self.rng.uniform(0, min(self.max_backoff, 0.5 * 2**attempt))
 
+    def url(self, index: int) -> str:
+        return self.base_urls[index % len(self.base_urls)]
+
     # --- SSE --------------------------------------------------------------------------------------
 
-    def transcript(self, call_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Turns of a live call, partial and final, until the call ends."""
-        return self._sse(f"/v1/calls/{call_id}/transcript/stream")
+    def transcript(
+        self,
+        call_id: str,
+        *,
+        from_start: bool = False,
+        last_event_id: str | None = None,
+        on_reset: OnReset | None = None,
+    ) -> SseStream:
+        """Turns of a call, partial and final, until the call ends. With `from_start`, every
+        final turn so far first (and a call that has ended gives its turns, then ends);
+        `last_event_id` resumes from a cursor kept from an earlier stream."""
+        position = Position(cursor=last_event_id, from_start=from_start)
+        return SseStream(self, f"/v1/calls/{call_id}/transcript/stream", {}, position, on_reset)
 
-    def conversation(self, conversation_id: str) -> AsyncIterator[dict[str, Any]]:
+    def conversation(
+        self,
+        conversation_id: str,
+        *,
+        last_event_id: str | None = None,
+        on_reset: OnReset | None = None,
+    ) -> SseStream:
         """Envelopes of a conversation, forever (or until a terminal error)."""
-        return self._sse(f"/v1/conversations/{conversation_id}/stream")
+        position = Position(cursor=last_event_id)
+        path = f"/v1/conversations/{conversation_id}/stream"
+        return SseStream(self, path, {}, position, on_reset)
 
-    async def _sse(self, path: str) -> AsyncIterator[dict[str, Any]]:
-        failures = 0
-        while True:
-            try:
-                async with self.http.stream("GET", path) as response:
-                    if response.status_code == 204:
-                        return  # the call has already ended
-                    if response.status_code != 200:
-                        body = orjson.loads(await response.aread())
-                        raise StreamError(body["error_code"], body["message"])
-                    self.connections += 1
-                    failures = 0
-                    events = sse_events(response)
-                    while True:
-                        async with asyncio.timeout(self.heartbeat_timeout):
-                            event = await anext(events)
-                        if event.comment is not None or event.data is None:
-                            continue
-                        if event.event == "end":
-                            return
-                        if event.event == "error":
-                            error = orjson.loads(event.data)
-                            if error["error_code"] not in RECONNECTABLE_CODES:
-                                raise StreamError(error["error_code"], error["message"])
-                            break  # drained: reconnect, perhaps to another replica
-                        yield orjson.loads(event.data)
-            except (httpx.TransportError, TimeoutError, StopAsyncIteration):
-                pass  # dropped, or silent past the heartbeat timeout: reconnect
-            failures += 1
-            if failures > self.max_attempts:
-                raise StreamClosed(f"{path}: {self.max_attempts} reconnects failed in a row")
-            await asyncio.sleep(self.backoff(failures))
+    def events(
+        self,
+        event_types: Iterable[str] | None = None,
+        *,
+        last_event_id: str | None = None,
+        on_reset: OnReset | None = None,
+    ) -> SseStream:
+        """Envelopes of the whole workspace, forever; `event_types` filters them (a trailing
+        `*` matches a prefix: `["call.completed", "message.*"]`)."""
+        types = [event_types] if isinstance(event_types, str) else list(event_types or ())
+        query = {"event_types": ",".join(types)} if types else {}
+        return SseStream(self, "/v1/events/stream", query, Position(cursor=last_event_id), on_reset)
 
     # --- WebSocket --------------------------------------------------------------------------------
 
-    def call_events(self, call_id: str) -> CallSocket:
-        return CallSocket(self, call_id)
+    def call_events(
+        self,
+        call_id: str,
+        *,
+        last_event_id: str | None = None,
+        on_reset: OnReset | None = None,
+    ) -> CallSocket:
+        return CallSocket(self, call_id, Position(cursor=last_event_id), on_reset)
+
+
+class SseStream:
+    """An async iterator over one SSE stream's frames that reconnects and resumes by itself:
+    every reconnect sends `Last-Event-ID` with the cursor of the last frame received, a `gap`
+    reconnects at once to get the dropped frames back, and a `reset` is counted in
+    `position.resets` and passed to `on_reset`. Ends on 204 and `event: end`."""
+
+    def __init__(
+        self,
+        client: SwitchboardClient,
+        path: str,
+        query: dict[str, str],
+        position: Position,
+        on_reset: OnReset | None,
+    ) -> None:
+        self.client = client
+        self.path = path
+        self.query = query
+        self.position = position
+        self.on_reset = on_reset
+        self._frames = self._run()
+
+    @property
+    def cursor(self) -> str | None:
+        """The cursor to keep to resume this stream later (`last_event_id=`)."""
+        return self.position.cursor
+
+    def __aiter__(self) -> SseStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        return await self._frames.__anext__()
+
+    async def aclose(self) -> None:
+        await self._frames.aclose()
+
+    async def _run(self) -> AsyncGenerator[dict[str, Any], None]:
+        client = self.client
+        index = client.preferred
+        failures = 0
+        while True:
+            resume_now = False
+            delivered = False
+            headers, query = self.position.sse_request()
+            try:
+                async with client.http.stream(
+                    "GET",
+                    client.url(index) + self.path,
+                    params={**self.query, **query},
+                    headers=headers,
+                ) as response:
+                    if response.status_code == 204:
+                        return  # the call has already ended
+                    if response.status_code != 200:
+                        code, message = error_of(response.status_code, await response.aread())
+                        if response.status_code not in RETRYABLE_STATUSES:
+                            raise StreamError(code, message)
+                    else:
+                        client.connections += 1
+                        client.preferred = index
+                        failures = 0
+                        events = sse_events(response)
+                        while True:
+                            async with asyncio.timeout(client.heartbeat_timeout):
+                                event = await anext(events)
+                            step = sse_step(self.position, event)
+                            if isinstance(step, Frame):
+                                delivered = True
+                                yield step.data
+                            elif isinstance(step, End):
+                                return
+                            elif isinstance(step, Fail):
+                                raise StreamError(step.error_code, step.message)
+                            elif isinstance(step, Reset):
+                                if self.on_reset is not None:
+                                    self.on_reset(step.reason)
+                            elif isinstance(step, Resume):
+                                resume_now = True
+                                break
+                            elif isinstance(step, Reconnect):
+                                break  # drained: go on elsewhere
+            except (httpx.TransportError, TimeoutError, StopAsyncIteration):
+                pass  # dropped, or silent past the heartbeat timeout: reconnect
+            if resume_now and delivered:
+                continue  # a gap: the same server has the dropped frames, at once
+            failures += 1
+            if failures > client.max_attempts:
+                raise StreamClosed(f"{self.path}: {client.max_attempts} reconnects failed in a row")
+            index += 1
+            await asyncio.sleep(client.backoff(failures))
 
 
 class CallSocket:
     """`async with client.call_events(call_id) as call:` then `async for event in call` and
     `await call.send_dtmf("12#")`. Reconnects on drain (1012), internal errors (1011) and dropped
-    connections; ends on 1000; raises StreamError on 1008 and refused upgrades."""
+    connections, each time with `?last_event_id=` of the last envelope yielded; a `stream.gap`
+    reconnects at once from its `resume_from`, a `stream.reset` is counted in `position.resets`
+    and passed to `on_reset`. Ends on 1000; raises StreamError on 1008 and refused upgrades."""
 
-    def __init__(self, client: SwitchboardClient, call_id: str) -> None:
+    def __init__(
+        self,
+        client: SwitchboardClient,
+        call_id: str,
+        position: Position | None = None,
+        on_reset: OnReset | None = None,
+    ) -> None:
         self.client = client
-        self.url = client.base_url.replace("http", "ws", 1) + f"/v1/calls/{call_id}/stream"
+        self.path = f"/v1/calls/{call_id}/stream"
+        self.position = position or Position()
+        self.on_reset = on_reset
+        self._index = client.preferred
         self._socket: ClientConnection | None = None
         self._results: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
-        self._seen: set[str] = set()  # event ids, so a reconnect's replayed history is not repeated
+
+    @property
+    def cursor(self) -> str | None:
+        return self.position.cursor
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL of the next connection, cursor included."""
+        base = self.client.url(self._index).replace("http", "ws", 1) + self.path
+        query = self.position.socket_query()
+        return f"{base}?{urlencode(query)}" if query else base
 
     async def __aenter__(self) -> CallSocket:
         await self._connect()
@@ -142,8 +284,12 @@ class CallSocket:
         if self._socket is not None:
             await self._socket.close()
 
-    async def _connect(self) -> None:
+    async def _connect(self, *, after_failure: bool = False) -> None:
         failures = 0
+        if after_failure:  # the last server dropped us or drained: the next one, after a jitter
+            failures = 1
+            self._index += 1
+            await asyncio.sleep(self.client.backoff(failures))
         while True:
             try:
                 self._socket = await ws_connect(
@@ -152,15 +298,20 @@ class CallSocket:
                     ping_interval=None,  # the server pings; we answer
                 )
                 self.client.connections += 1
+                self.client.preferred = self._index
                 return
             except InvalidStatus as refused:
-                body = orjson.loads(refused.response.body or b'{"error_code": "?", "message": "?"}')
-                raise StreamError(body["error_code"], body["message"]) from None
-            except OSError:
-                failures += 1
-                if failures > self.client.max_attempts:
-                    raise StreamClosed(f"{self.url}: could not connect") from None
-                await asyncio.sleep(self.client.backoff(failures))
+                status = refused.response.status_code
+                if status not in RETRYABLE_STATUSES:
+                    body = bytes(refused.response.body or b"")
+                    raise StreamError(*error_of(status, body)) from None
+            except (OSError, InvalidHandshake, TimeoutError):
+                pass  # refused, reset or cut during the handshake: try the next server
+            failures += 1
+            if failures > self.client.max_attempts:
+                raise StreamClosed(f"{self.path}: could not connect") from None
+            self._index += 1
+            await asyncio.sleep(self.client.backoff(failures))
 
     async def send_dtmf(self, digits: str, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109
         """Sends the digits and returns the `command.result` (ok or not) once it arrives; the
@@ -184,14 +335,17 @@ class CallSocket:
         return self._events()
 
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
+        delivered = False  # since the last connect: a gap with no progress counts as a failure
         while True:
-            assert self._socket is not None
+            socket = self._socket
+            assert socket is not None
             try:
                 async with asyncio.timeout(self.client.heartbeat_timeout):
-                    text = await self._socket.recv()
+                    text = await socket.recv()
             except TimeoutError:
-                await self._socket.close()
-                await self._connect()
+                await socket.close()
+                await self._connect(after_failure=True)
+                delivered = False
                 continue
             except ConnectionClosed as closed:
                 code = closed.rcvd.code if closed.rcvd else 1006
@@ -201,18 +355,29 @@ class CallSocket:
                     raise StreamError(
                         "UNAUTHENTICATED", closed.rcvd.reason if closed.rcvd else ""
                     ) from None
-                if code not in (*RECONNECTABLE_CLOSES, 1006):
+                if code not in RECONNECTABLE_CLOSES:
                     raise StreamError("CLOSED", f"closed with {code}") from None
-                await self._connect()
+                await self._connect(after_failure=True)
+                delivered = False
                 continue
-            event = orjson.loads(text)
-            if event.get("event_type") == "command.result":
-                future = self._results.get(str(event.get("request_id")))
+            if isinstance(text, bytes):
+                continue  # audio, which this client does not ask for
+            message = orjson.loads(text)
+            if not isinstance(message, dict):
+                continue
+            if message.get("event_type") == "command.result":
+                future = self._results.get(str(message.get("request_id")))
                 if future is not None and not future.done():
-                    future.set_result(event)
+                    future.set_result(message)
                 continue
-            event_id = event.get("event_id")
-            if event_id in self._seen:
-                continue
-            self._seen.add(event_id)
-            yield event
+            step = socket_step(self.position, message)
+            if isinstance(step, Frame):
+                delivered = True
+                yield step.data
+            elif isinstance(step, Reset):
+                if self.on_reset is not None:
+                    self.on_reset(step.reason)
+            elif isinstance(step, Resume):
+                await socket.close()
+                await self._connect(after_failure=not delivered)
+                delivered = False

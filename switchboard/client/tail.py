@@ -1,15 +1,18 @@
 """`switchboard tail`: a terminal view of a live stream. Partials rewrite the current line in
 place; finals settle on their own line. Without a terminal (a pipe, a file) only finals and
-events are printed, one per line."""
+events are printed, one per line. The client resumes across reconnects by itself; a cursor the
+server no longer knew is reported on stderr, since something may be missing above it."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from switchboard.client.streams import SwitchboardClient
 
 CLEAR_LINE = "\r\x1b[2K"
+WORKSPACE = "events"  # the stream id that names the workspace-wide stream
 
 
 def render_turn(turn: dict[str, Any], tty: bool) -> str | None:
@@ -20,7 +23,9 @@ def render_turn(turn: dict[str, Any], tty: bool) -> str | None:
     return line + "\n" if turn["is_final"] else None
 
 
-def render_envelope(envelope: dict[str, Any]) -> str:
+def render_envelope(envelope: dict[str, Any], *, with_source: bool = False) -> str:
+    """One line an event; `with_source` names its call or conversation (the workspace stream
+    mixes them)."""
     payload = envelope.get("payload", {})
     if envelope.get("event_type", "").startswith("message."):
         detail = f"{payload.get('direction')} {payload.get('status')}: {payload.get('text')}"
@@ -28,20 +33,45 @@ def render_envelope(envelope: dict[str, Any]) -> str:
         detail = f"{payload.get('from_mode')} -> {payload.get('to_mode')}"
     else:
         detail = str(payload)
-    return f"{envelope.get('timestamp', '')} {envelope.get('event_type')} {detail}\n"
+    source = envelope.get("call_id") or envelope.get("conversation_id")
+    where = f" {source}" if with_source and source else ""
+    return f"{envelope.get('timestamp', '')}{where} {envelope.get('event_type')} {detail}\n"
 
 
-async def tail(url: str, key: str, stream_id: str, out: TextIO = sys.stdout) -> None:
+def render_reset(reason: str) -> str:
+    return f"-- the server could not resume ({reason}): frames may be missing above\n"
+
+
+async def tail(
+    urls: str | Sequence[str],
+    key: str,
+    stream_id: str,
+    out: TextIO = sys.stdout,
+    *,
+    err: TextIO = sys.stderr,
+    from_start: bool = False,
+    event_types: Sequence[str] = (),
+) -> None:
     tty = out.isatty()
-    async with SwitchboardClient(url, key) as client:
+
+    def on_reset(reason: str) -> None:
+        err.write(render_reset(reason))
+        err.flush()
+
+    async with SwitchboardClient(urls, key) as client:
         if stream_id.startswith("call_"):
-            async for turn in client.transcript(stream_id):
+            turns = client.transcript(stream_id, from_start=from_start, on_reset=on_reset)
+            async for turn in turns:
                 text = render_turn(turn, tty)
                 if text:
                     out.write(text)
                     out.flush()
             out.write("-- call ended\n")
+            return
+        if stream_id == WORKSPACE:
+            envelopes = client.events(event_types, on_reset=on_reset)
         else:
-            async for envelope in client.conversation(stream_id):
-                out.write(render_envelope(envelope))
-                out.flush()
+            envelopes = client.conversation(stream_id, on_reset=on_reset)
+        async for envelope in envelopes:
+            out.write(render_envelope(envelope, with_source=stream_id == WORKSPACE))
+            out.flush()
