@@ -49,15 +49,24 @@ class Ending(Enum):
 @dataclass(frozen=True)
 class Terminal:
     ending: Ending
+    # A drain's suggestion of when this client should reconnect, jittered per client: SSE says
+    # it with a `retry:` field in the terminal event (EventSource obeys it), the WebSocket in
+    # its close reason.
+    retry_ms: int | None = None
 
     def sse(self) -> bytes:
         if self.ending is Ending.CALL_COMPLETED:
             return sse_event("end", {"reason": "call_completed"})
         code, message = _SSE_ERRORS[self.ending]
-        return sse_event("error", {"error_code": code, "message": message})
+        frame = sse_event("error", {"error_code": code, "message": message})
+        # One event: the field sets the reconnect delay as it is read, before the error fires.
+        return frame if self.retry_ms is None else b"retry: %d\n" % self.retry_ms + frame
 
     def websocket_close(self) -> tuple[int, str]:
-        return _WS_CLOSES[self.ending]
+        code, reason = _WS_CLOSES[self.ending]
+        if self.retry_ms is not None:
+            reason = f"{reason} in {self.retry_ms} ms"
+        return code, reason
 
 
 _SSE_ERRORS = {
