@@ -33,6 +33,9 @@ class Settings:
     key_cache_ttl: float = 60.0
     # Seconds that shutdown waits for open requests before it cuts them.
     shutdown_grace: float = 5.0
+    # Seconds over which a shutdown ends the open streams, in batches, so that their clients
+    # do not all reconnect elsewhere in the same instant (SPEC 5.4, 6).
+    drain_seconds: float = 5.0
     # Largest request body; a bigger one is refused with 413 before it is buffered (SPEC 6).
     max_body_bytes: int = 1048576
     # Largest request line and headers together; more is refused with 431 before it is parsed.

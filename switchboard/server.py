@@ -169,7 +169,8 @@ async def bootstrap_workspace(database_url: str, services: Services) -> str | No
 
 def draining(services: Services) -> Callable[[], Awaitable[None]]:
     async def drain() -> None:
-        await services.registry.drain(grace=services.settings.shutdown_grace)
+        settings = services.settings
+        await services.registry.drain(settings.drain_seconds, settings.shutdown_grace)
 
     return drain
 
@@ -209,10 +210,28 @@ class GatewayServer(uvicorn.Server):
         self.drain = drain
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # Streams first get their terminal frame or close code (SPEC 6, drain), so that no client
-        # is cut without being told to reconnect; then uvicorn closes what is left.
+        # Stop accepting at once: the drain takes a while, and its clients reconnect elsewhere.
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        # Streams first get their terminal frame or close code (SPEC 6, drain), spread over the
+        # drain window, so that no client is cut without being told to reconnect and they do not
+        # all come back at once; then uvicorn closes what is left. The drain must come first:
+        # uvicorn's own shutdown closes every WebSocket with 1012 at once. Its graceful timeout
+        # starts after the drain, so a stop takes at most the window plus twice the grace.
         if self.drain is not None:
-            await self.drain()
+            drain = asyncio.ensure_future(self.drain())
+            while not drain.done():
+                await asyncio.wait([drain], timeout=0.1)
+                if self.force_exit:  # a second Ctrl-C: the streams still open end at once
+                    drain.cancel()
+            try:
+                await drain
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # uvicorn must still close what is left
+                log.exception("the drain of the open streams failed")
         await super().shutdown(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
