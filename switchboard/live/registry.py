@@ -35,8 +35,9 @@ def drain_schedule(
     """When each of `count` streams ends, in seconds from the start of a drain.
 
     Batches come every `step` (the window divided evenly), as many as there are streams but no
-    more than fit in the window, so a few streams end at once and 10,000 end 100 at a time
-    over the whole window. The batches differ in size by one at most, and the order is
+    more than fit in the window: a few streams end one per batch within a fraction of a second
+    (spreading them over the whole window would only delay the stop), and 10,000 end 100 at a
+    time over the whole window. The batches differ in size by one at most, and the order is
     shuffled so that no client is systematically last."""
     if count <= 0:
         return []
