@@ -40,6 +40,12 @@ class Settings:
     max_body_bytes: int = 1048576
     # Largest request line and headers together; more is refused with 431 before it is parsed.
     max_header_bytes: int = 16384
+    # How long durable frames stay resumable (SPEC 5.4): older cursors get `reset`; transcript
+    # turns are kept this long.
+    history_hours: float = 24.0
+    # How many NATS servers keep each JetStream stream (1 for one server; 3 on a cluster, so a
+    # lost node loses nothing and the streams stay writable).
+    stream_replicas: int = 1
     # The application role's password; unset, a random one kept in the database is used.
     app_role_password: str | None = field(default=None, repr=False)
 

@@ -95,8 +95,25 @@ def check_envelope(envelope: Mapping[str, Any]) -> None:
 
 EVENTS_STREAM: Final = "VB_EVENTS"
 EVENTS_SUBJECTS: Final = ("vb.*.call.*.events", "vb.*.conversation.*.events")
+# Every transcript turn, partial and final, kept for the history window: the cursors of the
+# transcript stream are its sequence numbers (SPEC 5.4).
+TRANSCRIPTS_STREAM: Final = "VB_TRANSCRIPTS"
+TRANSCRIPT_SUBJECTS: Final = ("vb.*.call.*.transcript",)
+# JetStream republishes every stored message here, with its stream and sequence in headers:
+# the live hub's subscriptions, so a live frame carries the same cursor as its stored copy.
+LIVE_PREFIX: Final = "live."
 # Switchboard's own coordination between replicas; not part of the producer contract.
 KEY_REVOKED_SUBJECT: Final = "switchboard.internal.keys.revoked"
+
+
+def live_subject(subject: str) -> str:
+    """Where JetStream republishes what it stores on `subject` (wildcards allowed)."""
+    return LIVE_PREFIX + subject
+
+
+def workspace_events_subject(workspace_id: str) -> str:
+    """Every `.events` subject of one workspace (a filter; SPEC 5.5)."""
+    return f"vb.{workspace_id}.*.*.events"
 
 
 def call_events_subject(workspace_id: str, call_id: str) -> str:

@@ -77,20 +77,20 @@ def test_terminals_speak_each_transport() -> None:
         1011,
         1003,
     ]
-    assert sse_data(7, b'{"a":1}') == b'id: 7\ndata: {"a":1}\n\n'
+    assert sse_data("e7", b'{"a":1}') == b'id: e7\ndata: {"a":1}\n\n'
 
 
 def test_views_encode_once_per_kind() -> None:
     turn = {"role": "user", "text": "hi", "is_final": True, "turn_id": "trn_1", "ts": "t", "x": 1}
-    [frame] = encode(View.TRANSCRIPT, turn, 5)
+    [frame] = encode(View.TRANSCRIPT, turn, "t5")
     assert frame == sse_data(
-        5, orjson.dumps({k: turn[k] for k in ("role", "text", "is_final", "turn_id", "ts")})
+        "t5", orjson.dumps({k: turn[k] for k in ("role", "text", "is_final", "turn_id", "ts")})
     )
-    assert encode(View.TRANSCRIPT, {"role": "user"}, 6) == []
+    assert encode(View.TRANSCRIPT, {"role": "user"}, "t6") == []
     completed = {"event_type": "call.completed", "payload": {}}
-    assert encode(View.TRANSCRIPT_END, completed, 1) == [Terminal(Ending.CALL_COMPLETED)]
-    assert encode(View.TRANSCRIPT_END, {"event_type": "call.barge_in"}, 1) == []
-    text, end = encode(View.CALL_EVENTS, completed, 1)
+    assert encode(View.TRANSCRIPT_END, completed, "e1") == [Terminal(Ending.CALL_COMPLETED)]
+    assert encode(View.TRANSCRIPT_END, {"event_type": "call.barge_in"}, "e1") == []
+    text, end = encode(View.CALL_EVENTS, completed, "evt_1")
     assert isinstance(text, str) and end == Terminal(Ending.CALL_COMPLETED)
 
 

@@ -14,11 +14,17 @@ import orjson
 import psutil
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from switchboard.client.sse import sse_events
-from switchboard.events import call_events_subject, call_transcript_subject, make_envelope
+from switchboard.events import (
+    EVENTS_STREAM,
+    call_events_subject,
+    call_transcript_subject,
+    make_envelope,
+)
 from switchboard.ids import new_id
 from switchboard.producer import Producer
 from tests.harness import ServerThread, Workspace, eventually
@@ -237,6 +243,19 @@ async def test_a_transcript_stream_after_the_stored_end_gets_204_before_the_reco
 ) -> None:
     """The row still says in_progress (no recorder runs), but `call.completed` is stored."""
     call_id = await new_call(client, workspace)
+    # The API's call.initiated reaches the bus through the outbox relay, just after the 201; a
+    # media plane ends a call it has heard of.
+    subject = call_events_subject(workspace.id, call_id)
+    js = bus.jetstream()
+
+    async def initiated_stored() -> bool:
+        try:
+            await js.get_last_msg(EVENTS_STREAM, subject)
+        except NotFoundError:
+            return False
+        return True
+
+    await eventually(initiated_stored)
     await Producer(bus).event(
         "call.completed",
         workspace_id=workspace.id,

@@ -11,17 +11,26 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import RePublish, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError
 
-from switchboard.events import EVENTS_STREAM, EVENTS_SUBJECTS, KEY_REVOKED_SUBJECT, subject_for
+from switchboard.events import (
+    EVENTS_STREAM,
+    EVENTS_SUBJECTS,
+    KEY_REVOKED_SUBJECT,
+    TRANSCRIPT_SUBJECTS,
+    TRANSCRIPTS_STREAM,
+    live_subject,
+    subject_for,
+)
 from switchboard.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
 EVENT_RETENTION_SECONDS = 7 * 24 * 3600  # longer than the 24 h webhook window, with room to spare
 DUPLICATE_WINDOW_SECONDS = 120.0
+DEFAULT_HISTORY_SECONDS = 24 * 3600.0  # SWITCHBOARD_HISTORY_HOURS
 PUBLISH_TIMEOUT = 5.0
 
 
@@ -38,27 +47,53 @@ async def store_envelope(js: JetStreamContext, envelope: Mapping[str, Any]) -> N
 
 
 class Bus:
-    def __init__(self, client: Client) -> None:
+    def __init__(
+        self, client: Client, *, history_seconds: float = DEFAULT_HISTORY_SECONDS, replicas: int = 1
+    ) -> None:
         self.client = client
         self.js = client.jetstream()
+        self.history_seconds = history_seconds
+        self.replicas = replicas
 
     @property
     def connected(self) -> bool:
         return bool(self.client.is_connected)
 
+    def stream_configs(self) -> list[StreamConfig]:
+        """The two streams: every envelope (for the durable consumers, 7 days, longer than the
+        24 h webhook window) and every transcript turn (for resume, the history window). Both
+        republish what they store under `live.` with its sequence (the hub's live feed) and
+        answer direct gets (resume reads history in batches)."""
+        live = RePublish(src=">", dest=live_subject(">"))
+        return [
+            StreamConfig(
+                name=EVENTS_STREAM,
+                subjects=list(EVENTS_SUBJECTS),
+                storage=StorageType.FILE,
+                max_age=max(EVENT_RETENTION_SECONDS, self.history_seconds),
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                num_replicas=self.replicas,
+                allow_direct=True,
+                republish=live,
+            ),
+            StreamConfig(
+                name=TRANSCRIPTS_STREAM,
+                subjects=list(TRANSCRIPT_SUBJECTS),
+                storage=StorageType.FILE,
+                max_age=self.history_seconds,
+                num_replicas=self.replicas,
+                allow_direct=True,
+                republish=live,
+            ),
+        ]
+
     async def ensure_streams(self) -> None:
-        config = StreamConfig(
-            name=EVENTS_STREAM,
-            subjects=list(EVENTS_SUBJECTS),
-            storage=StorageType.FILE,
-            max_age=EVENT_RETENTION_SECONDS,
-            duplicate_window=DUPLICATE_WINDOW_SECONDS,
-        )
-        try:
-            await self.js.add_stream(config)
-        except BadRequestError:
-            # It exists with another config (an older version of ours): bring it up to date.
-            await self.js.update_stream(config)
+        for config in self.stream_configs():
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                # It exists with another config (an older version of ours): bring it up to date.
+                await self.js.update_stream(config)
 
     async def publish(self, subject: str, body: bytes) -> None:
         """Core NATS publish, for live-only data such as transcript partials and commands."""
@@ -88,7 +123,13 @@ class Bus:
             await self.client.close()
 
 
-async def connect_bus(url: str, *, name: str = "switchboard") -> Bus:
+async def connect_bus(
+    url: str,
+    *,
+    name: str = "switchboard",
+    history_seconds: float = DEFAULT_HISTORY_SECONDS,
+    replicas: int = 1,
+) -> Bus:
     # nats-py reports every failed reconnect attempt; an outage logs when it starts and ends,
     # with a reminder in between, not a line a second.
     outage = OutageLog(log, "the bus (NATS)")
@@ -116,6 +157,6 @@ async def connect_bus(url: str, *, name: str = "switchboard") -> Bus:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
-    bus = Bus(client)
+    bus = Bus(client, history_seconds=history_seconds, replicas=replicas)
     await bus.ensure_streams()
     return bus

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from starlette.types import Message, Scope, Send
 
@@ -16,7 +17,7 @@ from switchboard.api.responses import send_error
 from switchboard.errors import ApiError
 from switchboard.ids import is_id
 from switchboard.live.hub import View
-from switchboard.live.outbox import Outbox
+from switchboard.live.outbox import Frame, GapFrame, Outbox
 from switchboard.outage import BusUnavailable
 
 
@@ -25,12 +26,45 @@ class StreamEndpoint:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        metrics = services.metrics
+        self.resumes = metrics.counter(
+            "switchboard_stream_resumes_total",
+            "Streams opened with a cursor or from=start.",
+            "kind",
+        )
+        self.replayed = metrics.counter(
+            "switchboard_frames_replayed_total", "Stored frames sent by resumes.", "kind"
+        )
+        self.gaps = metrics.counter(
+            "switchboard_stream_gaps_total", "Gap notices sent after dropped frames.", "kind"
+        )
+        self.resets = metrics.counter(
+            "switchboard_stream_resets_total",
+            "Cursors that were unknown or expired (a reset was sent).",
+            "kind",
+        )
+
+    @property
+    def history(self) -> timedelta:
+        return timedelta(hours=self.services.settings.history_hours)
 
     def dropped(self) -> None:
         self.services.metrics.frames_dropped[self.kind] += 1
 
-    def new_outbox(self) -> Outbox:
-        return Outbox(self.services.settings.stream_buffer, self.dropped)
+    def new_outbox(
+        self, gap: GapFrame | None = None, wants: Callable[[str], bool] | None = None
+    ) -> Outbox:
+        counted_gap = None
+        if gap is not None:
+            notice = gap
+
+            def counted_gap(dropped: int, resume_from: str | None) -> Frame:
+                self.gaps[self.kind] += 1
+                return notice(dropped, resume_from)
+
+        return Outbox(
+            self.services.settings.stream_buffer, self.dropped, gap=counted_gap, wants=wants
+        )
 
     @asynccontextmanager
     async def watching(

@@ -25,10 +25,10 @@ def sse_retry(milliseconds: int = SSE_RETRY_MS) -> bytes:
     return b"retry: %d\n\n" % milliseconds
 
 
-def sse_data(seq: int, data: bytes) -> bytes:
-    """An unnamed event with an `id:` and one `data:` line; `data` must be single-line JSON
-    (orjson never emits a raw newline)."""
-    return b"id: %d\ndata: %s\n\n" % (seq, data)
+def sse_data(cursor: str, data: bytes) -> bytes:
+    """An unnamed event with an `id:` (its cursor) and one `data:` line; `data` must be
+    single-line JSON (orjson never emits a raw newline)."""
+    return b"id: %s\ndata: %s\n\n" % (cursor.encode(), data)
 
 
 def sse_event(name: str, data: dict[str, Any]) -> bytes:
@@ -139,3 +139,23 @@ def command_result(
         body["error_code"] = error_code
         body["message"] = message
     return orjson.dumps(body).decode()
+
+
+# --- resume notices (SPEC 5.4) -----------------------------------------------------------------
+
+
+def sse_gap(dropped: int, resume_from: str | None) -> bytes:
+    return sse_event("gap", {"dropped": dropped, "resume_from": resume_from})
+
+
+def ws_gap(dropped: int, resume_from: str | None) -> str:
+    body = {"event_type": "stream.gap", "dropped": dropped, "resume_from": resume_from}
+    return orjson.dumps(body).decode()
+
+
+def sse_reset(reason: str) -> bytes:
+    return sse_event("reset", {"reason": reason})
+
+
+def ws_reset(reason: str) -> str:
+    return orjson.dumps({"event_type": "stream.reset", "reason": reason}).decode()

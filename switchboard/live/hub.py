@@ -17,7 +17,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from switchboard.events import subject_mismatch
+from switchboard.events import LIVE_PREFIX, live_subject, subject_mismatch
+from switchboard.live.cursor import PREFIXES, cursor_text
 from switchboard.live.frames import Ending, Terminal, sse_data
 from switchboard.live.metrics import Metrics
 from switchboard.live.outbox import Item, Outbox
@@ -38,35 +39,46 @@ class View(Enum):
     CONVERSATION = "conversation"  # conversation .events -> SSE envelope frames
 
 
-def encode(view: View, message: dict[str, Any], seq: int) -> list[Item]:
-    """The wire items one message becomes for one view (pure; the hub calls it once per view)."""
+def cursor_of(view: View, message: dict[str, Any], stream: str, seq: int) -> str:
+    """A frame's cursor in one view: the WebSocket's is the envelope's event_id (SPEC 5.3)."""
+    if view is View.CALL_EVENTS:
+        return str(message.get("event_id"))
+    return cursor_text(stream, seq)
+
+
+def turn_frame(message: dict[str, Any], cursor: str) -> bytes | None:
+    """A transcript turn as its SSE frame, or None when the message is not a turn."""
+    if not all(name in message for name in TURN_FIELDS):
+        return None
+    return sse_data(cursor, orjson.dumps({name: message[name] for name in TURN_FIELDS}))
+
+
+def encode(view: View, message: dict[str, Any], cursor: str) -> list[Item]:
+    """The wire items one message becomes for one view (pure; the hub calls it once per view;
+    replays call it too, so a replayed frame is byte for byte its live copy)."""
     completed = message.get("event_type") == "call.completed"
     if view is View.TRANSCRIPT:
-        if not all(name in message for name in TURN_FIELDS):
-            return []
-        turn = {name: message[name] for name in TURN_FIELDS}
-        return [sse_data(seq, orjson.dumps(turn))]
+        frame = turn_frame(message, cursor)
+        return [] if frame is None else [frame]
     if view is View.TRANSCRIPT_END:
         return [Terminal(Ending.CALL_COMPLETED)] if completed else []
     if view is View.CALL_EVENTS:
-        frame: list[Item] = [orjson.dumps(message).decode()]
-        return [*frame, Terminal(Ending.CALL_COMPLETED)] if completed else frame
-    return [sse_data(seq, orjson.dumps(message))]
+        text: list[Item] = [orjson.dumps(message).decode()]
+        return [*text, Terminal(Ending.CALL_COMPLETED)] if completed else text
+    return [sse_data(cursor, orjson.dumps(message))]
 
 
 @dataclass
 class Topic:
-    subject: str
+    subject: str  # as producers publish it (the hub subscribes to its `live.` republication)
     workspace_id: str
-    # Ids only grow on this replica, across resubscriptions too: seeded from the clock in µs.
-    seq: int = field(default_factory=lambda: time.time_ns() // 1000)
     subscription: Subscription | None = None
     watchers: dict[View, set[Outbox]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def envelopes(self) -> bool:
-        """An `.events` subject: every message on it is an envelope (a turn is not)."""
+        """`.events` subjects (one, or a workspace's): every message is an envelope."""
         return self.subject.endswith(".events")
 
     def empty(self) -> bool:
@@ -101,7 +113,7 @@ class Hub:
                 if topic.subscription is None:
                     try:
                         topic.subscription = await self.client.subscribe(
-                            subject, cb=self._receiver(topic)
+                            live_subject(subject), cb=self._receiver(topic)
                         )
                         await self.client.flush(timeout=5)
                     except BaseException:
@@ -139,34 +151,45 @@ class Hub:
                 return
             if not isinstance(message, dict):
                 return
+            headers = msg.headers or {}
+            try:
+                stream, seq = headers["Nats-Stream"], int(headers["Nats-Sequence"])
+            except (KeyError, ValueError):
+                self._reject("not republished by a stream (no sequence)", "not_stored")
+                return
+            if stream not in PREFIXES:
+                self._reject(f"republished by an unknown stream {stream!r}", "not_stored")
+                return
             # The subject is the authority (SPEC 7): an envelope naming another workspace, call
             # or conversation never reaches a client. Turns carry no workspace to compare.
+            subject = msg.subject.removeprefix(LIVE_PREFIX)
             if topic.envelopes:
-                mismatch = subject_mismatch(topic.subject, message)
+                mismatch = subject_mismatch(subject, message)
             elif "workspace_id" in message and message["workspace_id"] != topic.workspace_id:
                 mismatch = "workspace_id differs from the subject's"
             else:
                 mismatch = None
             if mismatch is not None:
-                self._reject(mismatch)
+                self._reject(mismatch, "subject_mismatch")
                 return
-            topic.seq += 1
+            event_type = message.get("event_type")
             # No await below: the watcher sets cannot change while we walk them, so no copies.
             for view, outboxes in topic.watchers.items():
                 if not outboxes:
                     continue
-                for item in encode(view, message, topic.seq):
+                cursor = cursor_of(view, message, stream, seq)
+                for item in encode(view, message, cursor):
                     for outbox in outboxes:
                         if isinstance(item, Terminal):
                             outbox.end(item)
-                        else:
-                            outbox.offer(item)
+                        elif outbox.wants is None or outbox.wants(str(event_type)):
+                            outbox.offer(item, seq, cursor)
 
         return receive
 
-    def _reject(self, why: str) -> None:
+    def _reject(self, why: str, reason: str) -> None:
         """Counted always; logged at most once a minute (a producer could fill the log)."""
-        self.rejected["subject_mismatch"] += 1
+        self.rejected[reason] += 1
         now = time.monotonic()
         if now - self._last_reject_log >= REJECT_LOG_EVERY:
             self._last_reject_log = now

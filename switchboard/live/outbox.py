@@ -16,13 +16,30 @@ from switchboard.live.frames import Terminal
 # SSE frames are bytes; WebSocket texts are str, decoded once for all watchers.
 Frame = bytes | str
 Item = Frame | Terminal
+# How a stream kind says "N frames were dropped; resume from this cursor" (SPEC 5.4).
+GapFrame = Callable[[int, str | None], Frame]
 
 
 class Outbox:
-    def __init__(self, capacity: int, on_drop: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        on_drop: Callable[[], None] = lambda: None,
+        *,
+        gap: GapFrame | None = None,
+        wants: Callable[[str], bool] | None = None,
+    ) -> None:
         self.capacity = capacity
         self.dropped = 0
-        self._frames: deque[Frame] = deque()
+        # (sequence, frame): the sequence is the frame's JetStream position, 0 for frames that
+        # have none (a gap notice), so the writer can skip what a replay already sent.
+        self._frames: deque[tuple[int, Frame]] = deque()
+        self.gap = gap
+        self.owed_gap = 0  # frames dropped since the last one queued: a gap notice is owed
+        self.last_cursor: str | None = None  # of the last frame queued (or replayed)
+        self.skip_through = 0  # frames at or below this sequence were sent by a replay
+        # The event types this client asked for (the workspace stream's filter); None: all.
+        self.wants = wants
         self._priority: deque[Frame] = deque()
         self._terminal: Terminal | None = None
         self._ready = asyncio.Event()
@@ -46,17 +63,39 @@ class Outbox:
     def terminal(self) -> Terminal | None:
         return self._terminal
 
-    def offer(self, frame: Frame) -> bool:
-        """Queues a frame unless the outbox is full, ended or aborted; never blocks."""
+    def offer(self, frame: Frame, seq: int = 0, cursor: str | None = None) -> bool:
+        """Queues a frame unless the outbox is full, ended or aborted; never blocks. The first
+        frame queued after drops is preceded by a gap notice naming the last cursor queued
+        before them, so the client knows and can resume from there."""
         if self._terminal is not None or self.aborted:
             return False
         if len(self._frames) >= self.capacity:
             self.dropped += 1
+            self.owed_gap += 1
             self._on_drop()
             return False
-        self._frames.append(frame)
+        if self.owed_gap and self.gap is not None:
+            # May exceed the bound by one: the notice must not be lost to the same full buffer.
+            self._frames.append((0, self.gap(self.owed_gap, self.last_cursor)))
+        self.owed_gap = 0
+        self._frames.append((seq, frame))
+        if cursor is not None:
+            self.last_cursor = cursor
         self._ready.set()
         return True
+
+    def discard_for_replay(self) -> bool:
+        """During a replay, live frames wait here; if any were dropped, the replay must read on
+        past them: forget what waits (the replay will send it) and say so."""
+        if not self.owed_gap:
+            return False
+        self._frames.clear()
+        self.owed_gap = 0
+        return True
+
+    def _skip_replayed(self) -> None:
+        while self._frames and 0 < self._frames[0][0] <= self.skip_through:
+            self._frames.popleft()
 
     def request_heartbeat(self) -> None:
         self.heartbeat_due = True
@@ -109,8 +148,10 @@ class Outbox:
     def take_ready(self, limit: int) -> list[Frame]:
         """Up to `limit` queued frames without waiting, so a writer can send them in one write."""
         batch: list[Frame] = []
+        self._skip_replayed()
         while self._frames and len(batch) < limit:
-            batch.append(self._frames.popleft())
+            batch.append(self._frames.popleft()[1])
+            self._skip_replayed()
         return batch
 
     async def next(self) -> Item | None:
@@ -124,8 +165,9 @@ class Outbox:
                 reply = self._priority.popleft()
                 self._replies_taken()
                 return reply
+            self._skip_replayed()
             if self._frames:
-                return self._frames.popleft()
+                return self._frames.popleft()[1]
             if self._terminal is not None:
                 return self._terminal
             self._ready.clear()

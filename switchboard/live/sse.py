@@ -6,23 +6,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
+import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from switchboard.api.deps import Services
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
-from switchboard.errors import not_found
+from switchboard.bus.stored import Stored
+from switchboard.errors import invalid, not_found
 from switchboard.events import (
+    EVENTS_STREAM,
+    TRANSCRIPTS_STREAM,
     call_events_subject,
     call_transcript_subject,
     conversation_events_subject,
+    subject_mismatch,
 )
+from switchboard.live.cursor import cursor_text
 from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
-from switchboard.live.frames import SSE_HEADERS, SSE_HEARTBEAT, Terminal, sse_retry
+from switchboard.live.frames import (
+    SSE_HEADERS,
+    SSE_HEARTBEAT,
+    Ending,
+    Terminal,
+    sse_gap,
+    sse_reset,
+    sse_retry,
+)
 from switchboard.live.history import stored_call
-from switchboard.live.hub import View
-from switchboard.live.outbox import Outbox
+from switchboard.live.hub import View, encode, turn_frame
+from switchboard.live.outbox import Frame, Outbox
+from switchboard.live.resume import SendFrames, Start, locate, query_value, replay, requested_cursor
 
 BATCH = 64  # frames joined into one write when a client has fallen behind
 
@@ -43,10 +60,12 @@ async def pump_sse(
     scope: Scope,
     receive: Receive,
     send: Send,
+    before_live: Callable[[Send], Awaitable[None]] | None = None,
 ) -> None:
-    """Writes the response: headers, retry hint, frames, heartbeats, one terminal frame. The
-    registry's ticker asks for heartbeats, ends expired tokens and cuts off a client that has
-    stopped reading; this loop only writes."""
+    """Writes the response: headers, retry hint, what `before_live` sends (a reset, a replay),
+    then frames, heartbeats, one terminal frame. The registry's ticker asks for heartbeats,
+    ends expired tokens and cuts off a client that has stopped reading; this loop only
+    writes."""
     metrics = services.metrics
     services.registry.add(
         outbox,
@@ -61,6 +80,8 @@ async def pump_sse(
     try:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         await send({"type": "http.response.body", "body": sse_retry(), "more_body": True})
+        if before_live is not None:
+            await before_live(send)
         while True:
             item = await outbox.next()
             if outbox.aborted:
@@ -83,8 +104,17 @@ async def pump_sse(
             await listener
 
 
+def body_writer(send: Send) -> SendFrames:
+    async def send_frames(frames: Sequence[Frame]) -> None:
+        body = b"".join(f if isinstance(f, bytes) else f.encode() for f in frames)
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    return send_frames
+
+
 class TranscriptStream(StreamEndpoint):
-    """`GET /v1/calls/{id}/transcript/stream`."""
+    """`GET /v1/calls/{id}/transcript/stream`: turns live; with a cursor, the final turns
+    missed first; with `from=start`, every final turn and the turn in flight first."""
 
     kind = "transcript_sse"
 
@@ -94,10 +124,16 @@ class TranscriptStream(StreamEndpoint):
         call_id = await self.path_id(scope, send, "call_id", "call")
         if call_id is None:
             return
+        origin = query_value(scope, "from")
+        if origin not in (None, "start"):
+            await send_error(scope, send, invalid("from", "must be 'start' when given"))
+            return
+        cursor = requested_cursor(scope)
         ws = principal.workspace_id
-        outbox = self.new_outbox()
+        outbox = self.new_outbox(gap=sse_gap)
+        subject = call_transcript_subject(ws, call_id)
         watches = [
-            (call_transcript_subject(ws, call_id), View.TRANSCRIPT),
+            (subject, View.TRANSCRIPT),
             (call_events_subject(ws, call_id), View.TRANSCRIPT_END),
         ]
         async with self.watching(ws, watches, outbox):
@@ -112,17 +148,85 @@ class TranscriptStream(StreamEndpoint):
                     await send_error(scope, send, not_found("call", call_id))
                     return
                 ended = stored.completed
-            if ended:
-                # 204 tells EventSource to stop reconnecting.
-                await send({"type": "http.response.start", "status": 204, "headers": []})
-                await send({"type": "http.response.body", "body": b""})
+            if cursor is None and origin is None:
+                if ended:
+                    # 204 tells EventSource to stop reconnecting.
+                    await send({"type": "http.response.start", "status": 204, "headers": []})
+                    await send({"type": "http.response.body", "body": b""})
+                    return
+                await pump_sse(services, self.kind, principal, outbox, scope, receive, send)
                 return
-            await pump_sse(services, self.kind, principal, outbox, scope, receive, send)
+            # A cursor wins over from=start: EventSource keeps the URL and adds Last-Event-ID.
+            if cursor is not None:
+                start = await locate(
+                    services.bus.client,
+                    services.bus.js,
+                    TRANSCRIPTS_STREAM,
+                    cursor,
+                    lambda stored_subject: stored_subject == subject,
+                    self.history,
+                )
+            else:
+                start = Start(0)
+            self.resumes[self.kind] += 1
+
+            async def before_live(send: Send) -> None:
+                await self._catch_up(start, subject, outbox, send, in_flight=cursor is None)
+                if ended:
+                    outbox.end(Terminal(Ending.CALL_COMPLETED))
+
+            await pump_sse(
+                services, self.kind, principal, outbox, scope, receive, send, before_live
+            )
+
+    async def _catch_up(
+        self, start: Start, subject: str, outbox: Outbox, send: Send, *, in_flight: bool
+    ) -> None:
+        """A reset, or the final turns after the start (partials of finished turns are not
+        replayed); from the start, also the turn in flight: its latest partial."""
+        if start.after is None:
+            if start.reset is not None:
+                self.resets[self.kind] += 1
+                await body_writer(send)([sse_reset(start.reset)])
+            return
+        finished: set[str] = set()
+        latest_partial: dict[str, Any] = {}
+
+        def frames_of(stored: Stored) -> tuple[Sequence[Frame], str | None]:
+            try:
+                turn = orjson.loads(stored.data)
+            except orjson.JSONDecodeError:
+                return [], None
+            if not isinstance(turn, dict):
+                return [], None
+            cursor = cursor_text(TRANSCRIPTS_STREAM, stored.seq)
+            if turn.get("is_final") is not True:
+                latest_partial["frame"] = turn_frame(turn, cursor)
+                latest_partial["turn_id"] = turn.get("turn_id")
+                return [], None
+            finished.add(str(turn.get("turn_id")))
+            frame = turn_frame(turn, cursor)
+            return ([frame], cursor) if frame is not None else ([], None)
+
+        sent = await replay(
+            self.services.bus.client,
+            TRANSCRIPTS_STREAM,
+            subject,
+            start.after,
+            outbox,
+            frames_of,
+            body_writer(send),
+        )
+        partial = latest_partial.get("frame")
+        if in_flight and partial is not None and latest_partial["turn_id"] not in finished:
+            await body_writer(send)([partial])
+            sent += 1
+        self.replayed[self.kind] += sent
 
 
 class ConversationStream(StreamEndpoint):
     """`GET /v1/conversations/{id}/stream` (Authorization header only; the middleware has
-    already refused any ?token=)."""
+    already refused any ?token=); with a cursor, the envelopes missed first."""
 
     kind = "conversation_sse"
 
@@ -133,10 +237,66 @@ class ConversationStream(StreamEndpoint):
         if conversation_id is None:
             return
         ws = principal.workspace_id
-        outbox = self.new_outbox()
+        outbox = self.new_outbox(gap=sse_gap)
         subject = conversation_events_subject(ws, conversation_id)
+        cursor = requested_cursor(scope)
         async with self.watching(ws, [(subject, View.CONVERSATION)], outbox):
             if not await services.database.conversation_exists(ws, conversation_id):
                 await send_error(scope, send, not_found("conversation", conversation_id))
                 return
-            await pump_sse(services, self.kind, principal, outbox, scope, receive, send)
+            before_live = None
+            if cursor is not None:
+                start = await locate(
+                    services.bus.client,
+                    services.bus.js,
+                    EVENTS_STREAM,
+                    cursor,
+                    lambda stored_subject: stored_subject == subject,
+                    self.history,
+                )
+                self.resumes[self.kind] += 1
+
+                async def before_live(send: Send) -> None:
+                    await self.catch_up_envelopes(start, subject, outbox, send)
+
+            await pump_sse(
+                services, self.kind, principal, outbox, scope, receive, send, before_live
+            )
+
+    async def catch_up_envelopes(
+        self, start: Start, subject: str, outbox: Outbox, send: Send
+    ) -> None:
+        """A reset, or the envelopes stored on `subject` (a wildcard for the workspace stream)
+        after the start that the outbox's filter wants, each as its live frame."""
+        if start.after is None:
+            if start.reset is not None:
+                self.resets[self.kind] += 1
+                await body_writer(send)([sse_reset(start.reset)])
+            return
+
+        def frames_of(stored: Stored) -> tuple[Sequence[Frame], str | None]:
+            try:
+                envelope = orjson.loads(stored.data)
+            except orjson.JSONDecodeError:
+                return [], None
+            # The same trust rule as live: the subject is the authority (SPEC 7).
+            if not isinstance(envelope, dict) or subject_mismatch(stored.subject, envelope):
+                return [], None
+            if outbox.wants is not None and not outbox.wants(str(envelope.get("event_type"))):
+                return [], None
+            cursor = cursor_text(EVENTS_STREAM, stored.seq)
+            frames = [
+                f for f in encode(View.CONVERSATION, envelope, cursor) if isinstance(f, bytes)
+            ]
+            return frames, cursor
+
+        sent = await replay(
+            self.services.bus.client,
+            EVENTS_STREAM,
+            subject,
+            start.after,
+            outbox,
+            frames_of,
+            body_writer(send),
+        )
+        self.replayed[self.kind] += sent

@@ -17,8 +17,14 @@ from starlette.types import Receive, Scope, Send
 from switchboard.api.deps import Services
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
+from switchboard.bus.stored import stored_after
 from switchboard.errors import not_found
-from switchboard.events import call_control_subject, call_events_subject
+from switchboard.events import (
+    EVENTS_STREAM,
+    call_control_subject,
+    call_events_subject,
+    subject_mismatch,
+)
 from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
 from switchboard.live.frames import (
     CommandError,
@@ -27,11 +33,14 @@ from switchboard.live.frames import (
     Terminal,
     command_result,
     parse_command,
+    ws_gap,
+    ws_reset,
 )
-from switchboard.live.history import call_history, stored_call
+from switchboard.live.history import stored_call
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
 from switchboard.live.ratelimit import COMMAND_BURST, COMMANDS_PER_SECOND, TokenBucket
+from switchboard.live.resume import CURSOR_UNKNOWN, query_value
 from switchboard.outage import BusUnavailable
 
 log = logging.getLogger(__name__)
@@ -63,7 +72,8 @@ class CallEventSocket(StreamEndpoint):
         if connect["type"] != "websocket.connect":
             return
         ws = principal.workspace_id
-        outbox = self.new_outbox()
+        outbox = self.new_outbox(gap=ws_gap)
+        cursor = query_value(scope, "last_event_id")
         async with self.watching(
             ws, [(call_events_subject(ws, call_id), View.CALL_EVENTS)], outbox
         ):
@@ -83,7 +93,7 @@ class CallEventSocket(StreamEndpoint):
             )
             send = timed_send(send, outbox)
             try:
-                replayed, completed = await self._replay(principal, call_id, send)
+                replayed, completed = await self._replay(principal, call_id, outbox, send, cursor)
                 if completed or status not in (None, "in_progress"):
                     await send({"type": "websocket.close", "code": 1000, "reason": "call ended"})
                     return
@@ -94,25 +104,50 @@ class CallEventSocket(StreamEndpoint):
                 services.registry.remove(outbox)
 
     async def _replay(
-        self, principal: Principal, call_id: str, send: Send
+        self, principal: Principal, call_id: str, outbox: Outbox, send: Send, cursor: str | None
     ) -> tuple[set[str], bool]:
-        """Sends the call's events so far, from JetStream, so a client that connects mid-call
-        (or after `call.initiated`, which is always before the call can be found) still sees
-        every event from the first. Returns the replayed event ids (live copies of them are
-        skipped) and whether the call's completion was among them."""
+        """Sends the call's stored events, from JetStream: all of them, or those after the
+        envelope whose event_id is `cursor` (SPEC 5.3), or, for a cursor the call never had, a
+        `stream.reset` and none. A client that connects mid-call (or after `call.initiated`,
+        which is always before the call can be found) still sees every event from the first.
+        Returns the replayed event ids (live copies of them are skipped) and whether the call's
+        completion was among them."""
         replayed: set[str] = set()
         completed = False
-        history = call_history(self.services.bus.js, principal.workspace_id, call_id)
+        found = cursor is None
+        sent = 0
+        subject = call_events_subject(principal.workspace_id, call_id)
+        last = 0
+        if cursor is not None:
+            self.resumes[self.kind] += 1
         try:
-            async with contextlib.aclosing(history):
-                async for envelope in history:
-                    text = orjson.dumps(envelope).decode()
-                    await send({"type": "websocket.send", "text": text})
-                    replayed.add(str(envelope.get("event_id")))
-                    completed = completed or envelope.get("event_type") == "call.completed"
+            async for stored in stored_after(self.services.bus.client, EVENTS_STREAM, subject, 0):
+                last = stored.seq
+                try:
+                    envelope = orjson.loads(stored.data)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(envelope, dict) or subject_mismatch(subject, envelope):
+                    continue
+                event_id = str(envelope.get("event_id"))
+                completed = completed or envelope.get("event_type") == "call.completed"
+                if not found:
+                    found = event_id == cursor
+                    replayed.add(event_id)  # the client has it: its live copy is skipped too
+                    continue
+                await send({"type": "websocket.send", "text": orjson.dumps(envelope).decode()})
+                replayed.add(event_id)
+                outbox.last_cursor = event_id
+                sent += 1
         except BusUnavailable as failure:  # the bus is slow or down: carry on with live events
             log.warning("%s", failure)
-        self.services.metrics.frames_sent[self.kind] += len(replayed)
+        if not found:
+            self.resets[self.kind] += 1
+            await send({"type": "websocket.send", "text": ws_reset(CURSOR_UNKNOWN)})
+        outbox.skip_through = last
+        self.services.metrics.frames_sent[self.kind] += sent
+        if cursor is not None:
+            self.replayed[self.kind] += sent
         return replayed, completed
 
     async def _session(
