@@ -345,3 +345,71 @@ async def test_a_call_socket_resumes_after_the_last_event_id_it_saw(
     async with ws_connect(url, additional_headers=workspace.headers) as ws:
         reset = orjson.loads(await asyncio.wait_for(ws.recv(), WAIT))
         assert reset == {"event_type": "stream.reset", "reason": "cursor_unknown"}
+
+
+async def test_the_workspace_stream_carries_its_events_filtered_and_resumes(
+    server: ServerThread,
+    make_server: Callable[..., ServerThread],
+    workspace: Workspace,
+    other_workspace: Workspace,
+) -> None:
+    h = workspace.headers
+    url = "/v1/events/stream?event_types=call.initiated,message.*"
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+        refused = await client.get(f"/v1/events/stream?token={workspace.key}")
+        assert refused.status_code == 401
+        bad = await client.get("/v1/events/stream?event_types=call.nope", headers=h)
+        assert bad.status_code == 400 and "event_types" in bad.json()["message"]
+        async with (
+            client.stream("GET", url, headers=h) as response,
+            client.stream("GET", url, headers=h) as twin,
+        ):
+            assert response.status_code == 200 and twin.status_code == 200
+            events = frames(response)
+            assert server.services is not None
+            hub = server.services.hub
+            subject = f"vb.{workspace.id}.*.*.events"
+            assert server.call(lambda: subject in hub.topics)  # one topic for both clients
+            # Another workspace's activity, and events the filter leaves out.
+            await new_call(client, other_workspace)
+            call_id = await new_call(client, workspace)
+            sent = await client.post(
+                "/v1/messages",
+                headers=h,
+                json={
+                    "channel": "sms",
+                    "to_number": "+14155550190",
+                    "from_number": "+14155550191",
+                    "text": "w1",
+                },
+            )
+            conversation = sent.json()["conversation_id"]
+            await client.patch(
+                f"/v1/conversations/{conversation}", headers=h, json={"ai_mode": "human"}
+            )
+            await client.post(
+                "/v1/messages", headers=h, json={"conversation_id": conversation, "text": "w2"}
+            )
+            got = await take(events, 3)
+            envelopes = [orjson.loads(e.data or "") for e in got]
+            assert [e["event_type"] for e in envelopes] == [
+                "call.initiated",
+                "message.sent",
+                "message.sent",
+            ]
+            assert envelopes[0]["call_id"] == call_id
+            assert all(e["workspace_id"] == workspace.id for e in envelopes)
+            cursor = got[1].id
+        for text in ("w3", "w4"):
+            await client.post(
+                "/v1/messages", headers=h, json={"conversation_id": conversation, "text": text}
+            )
+    other = make_server()
+    async with (
+        httpx.AsyncClient(base_url=other.url, timeout=WAIT) as client,
+        client.stream("GET", url, headers={**h, "Last-Event-ID": cursor or ""}) as response,
+    ):
+        missed = [
+            orjson.loads(e.data or "")["payload"]["text"] for e in await take(frames(response), 3)
+        ]
+        assert missed == ["w2", "w3", "w4"]

@@ -60,10 +60,42 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _stream_operation(summary: str, description: str, token: bool, param: str) -> dict[str, Any]:
-    parameters: list[dict[str, Any]] = [
-        {"name": param, "in": "path", "required": True, "schema": {"type": "string"}}
-    ]
+def _query(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+RESUME_PARAMETERS = [
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "The `id:` of the last frame received: the stream first sends every "
+        "durable frame after it (SPEC 5.4). EventSource sends it by itself on a reconnect.",
+    },
+    _query("last_event_id", "The same cursor, for a first connection."),
+]
+
+
+def _stream_operation(
+    summary: str,
+    description: str,
+    token: bool,
+    param: str | None,
+    extra: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = (
+        [{"name": param, "in": "path", "required": True, "schema": {"type": "string"}}]
+        if param
+        else []
+    )
+    parameters.extend(extra or [])
     if token:
         parameters.append(
             {
@@ -94,24 +126,49 @@ STREAM_PATHS: dict[str, Any] = {
     "/v1/calls/{call_id}/transcript/stream": _stream_operation(
         "Live call transcript (SSE)",
         "Unnamed events with `id:` and one `data:` line per turn, partial or final; "
-        "`event: end` when the call ends; 204 if it already has; terminal `event: error`; "
+        "`event: end` when the call ends; 204 if it already has (without a cursor or "
+        "`from=start`); `event: gap`, `event: reset`; terminal `event: error`; "
         "`: keep-alive` comments.",
         True,
         "call_id",
+        [
+            *RESUME_PARAMETERS,
+            _query("from", "`start`: every final turn so far, the turn in flight, then live."),
+        ],
     ),
     "/v1/conversations/{conversation_id}/stream": _stream_operation(
         "Live conversation events (SSE)",
-        "One envelope per event as unnamed SSE events with `id:`. Authorization header only.",
+        "One envelope per event as unnamed SSE events with `id:` cursors; `event: gap`, "
+        "`event: reset`. Authorization header only.",
         False,
         "conversation_id",
+        RESUME_PARAMETERS,
     ),
     "/v1/calls/{call_id}/stream": _stream_operation(
         "Live call events (WebSocket)",
         "Upgrade to a WebSocket: one JSON envelope per text frame; send "
         '`{"action": "send_dtmf", "digits": "12#", "request_id": "r1"}` and receive a '
-        "`command.result`. Close codes 1000, 1003, 1008, 1009, 1011, 1012.",
+        "`command.result`. Close codes 1000, 1003, 1008, 1009, 1011, 1012. Without a cursor "
+        "the call's events so far are replayed first.",
         True,
         "call_id",
+        [_query("last_event_id", "The event_id of the last envelope received: resume after it.")],
+    ),
+    "/v1/events/stream": _stream_operation(
+        "Every event of the workspace (SSE)",
+        "One envelope per event, calls and conversations, as unnamed SSE events with cursors; "
+        "resume, `gap`, `reset`, heartbeats as for the other streams. Authorization header "
+        "only.",
+        False,
+        None,
+        [
+            *RESUME_PARAMETERS,
+            _query(
+                "event_types",
+                "Comma-separated event types; a trailing `*` matches a prefix "
+                "(`call.initiated,message.*`).",
+            ),
+        ],
     ),
 }
 

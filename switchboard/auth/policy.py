@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, unquote
 _CALL_TRANSCRIPT_STREAM = re.compile(r"/v1/calls/[^/]+/transcript/stream")
 _CALL_EVENT_STREAM = re.compile(r"/v1/calls/[^/]+/stream")
 _CONVERSATION_STREAM = re.compile(r"/v1/conversations/[^/]+/stream")
+WORKSPACE_STREAM = "/v1/events/stream"
 
 QUERY_PARAM_REFUSED = (
     "A ?token= query parameter is accepted only on GET /v1/calls/{id}/transcript/stream and "
@@ -52,9 +53,10 @@ def query_token_allowed(method: str, path: str) -> bool:
 
 
 def is_stream_path(path: str) -> bool:
-    """The three long-lived stream paths, exempt from the write deadline."""
+    """The four long-lived stream paths, exempt from the write deadline."""
     return bool(
-        _CALL_TRANSCRIPT_STREAM.fullmatch(path)
+        path == WORKSPACE_STREAM
+        or _CALL_TRANSCRIPT_STREAM.fullmatch(path)
         or _CALL_EVENT_STREAM.fullmatch(path)
         or _CONVERSATION_STREAM.fullmatch(path)
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
-STREAM_KINDS = ("transcript_sse", "conversation_sse", "call_websocket")
+STREAM_KINDS = ("transcript_sse", "conversation_sse", "call_websocket", "events_sse")
 
 
 class Metrics:

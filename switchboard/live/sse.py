@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -18,12 +19,15 @@ from switchboard.auth.authenticator import Principal
 from switchboard.bus.stored import Stored
 from switchboard.errors import invalid, not_found
 from switchboard.events import (
+    CATALOGUE,
     EVENTS_STREAM,
     TRANSCRIPTS_STREAM,
     call_events_subject,
     call_transcript_subject,
     conversation_events_subject,
+    parse_events_subject,
     subject_mismatch,
+    workspace_events_subject,
 )
 from switchboard.live.cursor import cursor_text
 from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
@@ -42,6 +46,7 @@ from switchboard.live.outbox import Frame, Outbox
 from switchboard.live.resume import SendFrames, Start, locate, query_value, replay, requested_cursor
 
 BATCH = 64  # frames joined into one write when a client has fallen behind
+EVENT_TYPE_PREFIX = re.compile(r"[a-z_.]*")
 
 
 async def _watch_disconnect(receive: Receive, outbox: Outbox) -> None:
@@ -300,3 +305,70 @@ class ConversationStream(StreamEndpoint):
             body_writer(send),
         )
         self.replayed[self.kind] += sent
+
+
+def event_type_filter(raw: str | None) -> Callable[[str], bool] | None:
+    """`?event_types=call.initiated,message.*` as a predicate (None: every event); a trailing
+    `*` matches a prefix. Raises ValueError naming what is not an event type or a prefix."""
+    if raw is None:
+        return None
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    for part in (piece.strip() for piece in raw.split(",")):
+        if part.endswith("*") and "*" not in part[:-1] and EVENT_TYPE_PREFIX.fullmatch(part[:-1]):
+            prefixes.append(part[:-1])
+        elif part in CATALOGUE:
+            exact.add(part)
+        else:
+            raise ValueError(f"{part!r} is not an event type or a prefix such as message.*")
+    if "" in prefixes:
+        return None  # "*": everything
+    if not exact and not prefixes:
+        raise ValueError("name at least one event type")
+    starts = tuple(prefixes)
+    return lambda event_type: event_type in exact or event_type.startswith(starts)
+
+
+class WorkspaceStream(ConversationStream):
+    """`GET /v1/events/stream` (SPEC 5.5): every envelope of the key's workspace, filtered by
+    `?event_types=`, with cursors and resume like the conversation stream. One subscription
+    per replica per workspace watched (a wildcard subject), however many clients."""
+
+    kind = "events_sse"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = self.services
+        principal: Principal = scope["state"]["principal"]
+        try:
+            wants = event_type_filter(query_value(scope, "event_types"))
+        except ValueError as bad:
+            await send_error(scope, send, invalid("event_types", str(bad)))
+            return
+        ws = principal.workspace_id
+        outbox = self.new_outbox(gap=sse_gap, wants=wants)
+        subject = workspace_events_subject(ws)
+        cursor = requested_cursor(scope)
+        async with self.watching(ws, [(subject, View.CONVERSATION)], outbox):
+            before_live = None
+            if cursor is not None:
+                start = await locate(
+                    services.bus.client,
+                    services.bus.js,
+                    EVENTS_STREAM,
+                    cursor,
+                    lambda stored_subject: in_workspace(stored_subject, ws),
+                    self.history,
+                )
+                self.resumes[self.kind] += 1
+
+                async def before_live(send: Send) -> None:
+                    await self.catch_up_envelopes(start, subject, outbox, send)
+
+            await pump_sse(
+                services, self.kind, principal, outbox, scope, receive, send, before_live
+            )
+
+
+def in_workspace(subject: str, workspace_id: str) -> bool:
+    parsed = parse_events_subject(subject)
+    return parsed is not None and parsed[0] == workspace_id

@@ -15,7 +15,7 @@ from switchboard.api.deps import PrincipalDep, Services, ServicesDep
 from switchboard.auth import stream_tokens
 from switchboard.errors import ApiError, not_found
 from switchboard.ids import iso_ms
-from switchboard.live.sse import ConversationStream, TranscriptStream
+from switchboard.live.sse import ConversationStream, TranscriptStream, WorkspaceStream
 from switchboard.live.websocket import CallEventSocket
 
 router = APIRouter(tags=["streams"])
@@ -59,4 +59,5 @@ def stream_routes(services: Services) -> list[Route | WebSocketRoute]:
             methods=["GET"],
         ),
         WebSocketRoute("/v1/calls/{call_id}/stream", CallEventSocket(services)),
+        Route("/v1/events/stream", WorkspaceStream(services), methods=["GET"]),
     ]
