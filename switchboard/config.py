@@ -113,9 +113,16 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"SWITCHBOARD_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
     if not 0 <= settings.port <= 65535:
         raise SettingsError("port must be between 0 and 65535")
+    nats_urls = settings.nats_url.split(",") if settings.nats_url is not None else []
     for name, url, schemes in (
         ("SWITCHBOARD_DATABASE_URL", settings.database_url, ("postgres://", "postgresql://")),
-        ("SWITCHBOARD_NATS_URL", settings.nats_url, ("nats://", "tls://", "ws://", "wss://")),
+        # A cluster is several URLs, comma-separated; the client fails over between them.
+        *(
+            ("SWITCHBOARD_NATS_URL", u.strip(), ("nats://", "tls://", "ws://", "wss://"))
+            for u in nats_urls
+        ),
     ):
         if url is not None and not url.startswith(schemes):
             raise SettingsError(f"{name} must start with one of {', '.join(schemes)}")
+    if settings.stream_replicas not in (1, 3, 5):
+        raise SettingsError("SWITCHBOARD_STREAM_REPLICAS must be 1, 3 or 5")

@@ -117,7 +117,11 @@ def read_run_file(data_dir: Path) -> dict[str, Any] | None:
 async def open_services(settings: Settings, database_url: str, nats_url: str) -> Services:
     database = await connect_database(database_url, app_role_password=settings.app_role_password)
     try:
-        bus = await connect_bus(nats_url, history_seconds=settings.history_hours * 3600)
+        bus = await connect_bus(
+            nats_url,
+            history_seconds=settings.history_hours * 3600,
+            replicas=settings.stream_replicas,
+        )
     except BaseException:
         await database.close()
         raise

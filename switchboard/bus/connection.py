@@ -149,7 +149,8 @@ async def connect_bus(
 
     client = Client()
     await client.connect(
-        url,
+        # One URL, or a cluster's, comma-separated: the client fails over between them.
+        servers=[server.strip() for server in url.split(",") if server.strip()],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
