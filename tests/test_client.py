@@ -6,7 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from switchboard.client import StreamError, SwitchboardClient
 from switchboard.client.tail import CLEAR_LINE, render_turn
 from switchboard.events import call_transcript_subject
+from switchboard.producer import Producer
 from switchboard.simulate import SimulationPlan, Simulator
 from tests.harness import ServerThread, Workspace, eventually
 from tests.test_streams import new_call, turn
@@ -123,6 +124,45 @@ async def test_call_socket_sends_dtmf_and_yields_events_to_the_end(
         ) == 1
     finally:
         await simulator.stop()
+
+
+async def test_the_client_resumes_on_another_replica_with_every_final_turn_it_missed(
+    make_server: Callable[..., ServerThread],
+    workspace: Workspace,
+    client: httpx.AsyncClient,
+    bus: Client,
+) -> None:
+    draining, other = make_server(drain_seconds=0.2), make_server()
+    producer = Producer(bus)
+
+    async def speak(text: str) -> None:
+        turn_id = producer.new_turn_id()
+        for partial in (True, False):
+            await producer.turn(
+                workspace.id, call_id, role="user", text=text, is_final=not partial, turn_id=turn_id
+            )
+
+    call_id = await new_call(client, workspace)
+    async with SwitchboardClient([draining.url, other.url], workspace.key) as sb:
+        stream = sb.transcript(call_id)
+        first = asyncio.create_task(anext(stream))
+        await eventually(lambda: sb.connections == 1)
+        await speak("one")
+        assert (await asyncio.wait_for(first, WAIT))["is_final"] is False
+        assert (await asyncio.wait_for(anext(stream), WAIT))["text"] == "one"
+        # Nothing reads the stream while its replica drains away and the call goes on and ends:
+        # the client learns of it on its next read, and resumes on the other replica.
+        await asyncio.to_thread(draining.stop)
+        await speak("two")
+        await speak("three")
+        await client.delete(f"/v1/calls/{call_id}", headers=workspace.headers)
+        rest = await asyncio.wait_for(_all(stream), WAIT)
+    assert [(t["text"], t["is_final"]) for t in rest] == [("two", True), ("three", True)]
+    assert sb.connections == 2 and stream.cursor is not None
+
+
+async def _all(stream: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [item async for item in stream]
 
 
 def test_tail_renders_partials_in_place_on_a_terminal_and_finals_only_in_a_pipe() -> None:

@@ -30,6 +30,7 @@ from switchboard.client.resume import (
     Reset,
     Resume,
     Skip,
+    close_delay,
     error_of,
     socket_step,
     sse_step,
@@ -99,6 +100,14 @@ def test_terminal_frames_and_replays() -> None:
     assert socket_step(position, envelope) == Skip()  # replayed at a seam
     assert position.socket_query() == {"last_event_id": "evt_1"}
     assert error_of(502, b"<html>") == ("HTTP_502", "the server answered 502")
+
+
+def test_a_drain_may_say_when_to_come_back() -> None:
+    paced = SseEvent(event="error", data='{"error_code": "UNAVAILABLE"}', retry=2345)
+    assert sse_step(Position(), paced) == Reconnect(2.345)
+    assert close_delay("server draining; reconnect in 2345 ms") == 2.345
+    assert close_delay("server draining; reconnect") is None
+    assert close_delay("in x ms") is None
 
 
 # --- a hand-driven SSE server ---------------------------------------------------------------------
@@ -323,6 +332,25 @@ async def test_a_stream_goes_on_with_the_next_url_when_one_is_down_or_draining()
             await waiting
 
 
+async def test_a_paced_drain_is_waited_out_as_the_server_asks() -> None:
+    rng = Draws()
+    async with SseServer() as a, SseServer() as b, client([a.url, b.url], rng) as sb:
+        stream = sb.transcript("call_1")
+        first = asyncio.create_task(anext(stream))
+        request = await a.next()
+        await request.open()
+        await request.send(frame("t1", "one"))
+        await wait(first)
+        draining = {"error_code": "UNAVAILABLE", "message": "The server is restarting."}
+        await request.send(b"retry: 5\n" + named("error", draining))
+        second = asyncio.create_task(anext(stream))
+        assert (await b.next()).last_event_id == "t1"
+        assert rng.draws == []  # the server's jittered delay, not one of our own
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+
+
 async def test_unavailable_at_open_tries_the_next_url_and_not_found_raises() -> None:
     async with SseServer() as a, SseServer() as b, client([a.url, b.url]) as sb:
         stream = sb.transcript("call_1", last_event_id="t5")
@@ -483,6 +511,26 @@ async def test_a_socket_goes_on_with_the_next_url_when_one_is_down_or_draining()
         second = asyncio.create_task(_take(events, 1))
         connection = await b.next()
         assert query_of(connection) == {"last_event_id": ["evt_1"]}
+        await connection.send(envelope("evt_2"))
+        assert (await wait(second))[0]["event_id"] == "evt_2"
+        await call.__aexit__(None, None, None)
+
+
+async def test_a_paced_socket_drain_is_waited_out_as_the_server_asks() -> None:
+    rng = Draws()
+    async with SocketServer() as a, SocketServer() as b, client([a.url, b.url], rng) as sb:
+        call = sb.call_events("call_1")
+        entering = asyncio.create_task(call.__aenter__())
+        connection = await a.next()
+        await wait(entering)
+        events = aiter(call)
+        await connection.send(envelope("evt_1"))
+        assert (await wait(anext(events)))["event_id"] == "evt_1"
+        await connection.close(1012, "server draining; reconnect in 5 ms")
+        second = asyncio.create_task(_take(events, 1))
+        connection = await b.next()
+        assert query_of(connection) == {"last_event_id": ["evt_1"]}
+        assert rng.draws == []
         await connection.send(envelope("evt_2"))
         assert (await wait(second))[0]["event_id"] == "evt_2"
         await call.__aexit__(None, None, None)

@@ -65,7 +65,10 @@ class End:
 @dataclass(frozen=True)
 class Reconnect:
     """This connection is done but the stream is not (drain, server fault): go elsewhere, with
-    backoff, and resume from the cursor."""
+    backoff, and resume from the cursor. A draining server may say how long to wait (its
+    `retry:` hint, jittered per client so that they do not all come back at once): then that."""
+
+    delay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def sse_step(position: Position, event: SseEvent) -> Step:
         error = _object(event.data)
         code = str(error.get("error_code", "INTERNAL"))
         if code in RECONNECTABLE_CODES:
-            return Reconnect()
+            return Reconnect(None if event.retry is None else event.retry / 1000)
         return Fail(code, str(error.get("message", "")))
     if event.event == "gap":
         _gap(position, _object(event.data))
@@ -159,6 +162,15 @@ def socket_step(position: Position, message: dict[str, Any]) -> Step:
     position.seen.add(event_id)
     position.cursor = event_id
     return Frame(message)
+
+
+def close_delay(reason: str) -> float | None:
+    """The reconnect delay a draining server puts at the end of a close reason (`... in 2345
+    ms`), in seconds."""
+    words = reason.split()
+    if len(words) >= 3 and words[-3] == "in" and words[-1] == "ms" and words[-2].isdigit():
+        return int(words[-2]) / 1000
+    return None
 
 
 def error_of(status: int, body: bytes) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from switchboard.client.resume import (
     Reconnect,
     Reset,
     Resume,
+    close_delay,
     error_of,
     socket_step,
     sse_step,
@@ -193,6 +194,7 @@ class SseStream:
         while True:
             resume_now = False
             delivered = False
+            delay: float | None = None  # a draining server's own suggestion
             headers, query = self.position.sse_request()
             try:
                 async with client.http.stream(
@@ -230,6 +232,7 @@ class SseStream:
                                 resume_now = True
                                 break
                             elif isinstance(step, Reconnect):
+                                delay = step.delay
                                 break  # drained: go on elsewhere
             except (httpx.TransportError, TimeoutError, StopAsyncIteration):
                 pass  # dropped, or silent past the heartbeat timeout: reconnect
@@ -239,7 +242,7 @@ class SseStream:
             if failures > client.max_attempts:
                 raise StreamClosed(f"{self.path}: {client.max_attempts} reconnects failed in a row")
             index += 1
-            await asyncio.sleep(client.backoff(failures))
+            await asyncio.sleep(client.backoff(failures) if delay is None else delay)
 
 
 class CallSocket:
@@ -284,12 +287,14 @@ class CallSocket:
         if self._socket is not None:
             await self._socket.close()
 
-    async def _connect(self, *, after_failure: bool = False) -> None:
+    async def _connect(self, *, after_failure: bool = False, delay: float | None = None) -> None:
+        """Connects, to the next server after a failure, waiting `delay` (a draining server's
+        suggestion) or else a full-jitter backoff first."""
         failures = 0
-        if after_failure:  # the last server dropped us or drained: the next one, after a jitter
+        if after_failure:
             failures = 1
             self._index += 1
-            await asyncio.sleep(self.client.backoff(failures))
+            await asyncio.sleep(self.client.backoff(failures) if delay is None else delay)
         while True:
             try:
                 self._socket = await ws_connect(
@@ -357,7 +362,8 @@ class CallSocket:
                     ) from None
                 if code not in RECONNECTABLE_CLOSES:
                     raise StreamError("CLOSED", f"closed with {code}") from None
-                await self._connect(after_failure=True)
+                reason = closed.rcvd.reason if closed.rcvd else ""
+                await self._connect(after_failure=True, delay=close_delay(reason))
                 delivered = False
                 continue
             if isinstance(text, bytes):
