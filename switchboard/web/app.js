@@ -25,6 +25,9 @@ async function api(path, options = {}) {
   return body;
 }
 
+// A `reset`: the server did not know (or no longer kept) the cursor we resumed from.
+const missing = (reason) => `The server could not resume (${reason}): something may be missing above.`;
+
 function setState(node, state, text) {
   node.className = `state ${state}`;
   node.textContent = text || state;
@@ -86,46 +89,75 @@ async function callView(callId) {
   const token = async () => (await api("/v1/stream-tokens", {
     method: "POST", body: JSON.stringify({ call_id: callId, ttl_seconds: 600 }) })).token;
 
-  // Transcript: EventSource reconnects by itself; `end` and 204 stop it for good.
-  let source = null, ended = false;
+  // Transcript: the first EventSource asks for the call so far (`from=start`), so a call opened
+  // mid-way or after its end shows every turn. On a dropped connection EventSource reconnects by
+  // itself and sends `Last-Event-ID` on its own: the turns missed meanwhile come first. Only
+  // when it has closed for good (an expired token, a 503) is a new one made, from the last id.
+  let source = null, ended = false, lastId = null, caughtUp = false, cleanupDone = false;
+  cleanup.push(() => { cleanupDone = true; source?.close(); socket?.close(); });
+  const transcriptNotice = el("p", { id: "transcript-notice", class: "notice" });
+  transcript.before(transcriptNotice);
   const openTranscript = async () => {
     setState(state, "connecting");
-    source = new EventSource(`/v1/calls/${callId}/transcript/stream?token=${encodeURIComponent(await token())}`);
-    source.onopen = () => setState(state, "live");
-    source.onmessage = (event) => {
+    const params = new URLSearchParams({ token: await token() });
+    if (lastId !== null) params.set("last_event_id", lastId); else params.set("from", "start");
+    const current = source = new EventSource(`/v1/calls/${callId}/transcript/stream?${params}`);
+    const reopen = () => { current.close(); if (!ended && !cleanupDone) openTranscript(); };
+    current.onopen = () => setState(state, "live");
+    current.onmessage = (event) => {
+      if (event.lastEventId) lastId = event.lastEventId;
       const turn = JSON.parse(event.data);
       let line = document.getElementById(`turn-${turn.turn_id}`);
       if (!line) { line = el("div", { id: `turn-${turn.turn_id}` }); transcript.append(line); }
       line.className = `turn ${turn.is_final ? "final" : "partial"}`;
       line.replaceChildren(el("span", { class: "role" }, turn.role), turn.text);
     };
-    source.addEventListener("end", () => { ended = true; source.close(); setState(state, "ended"); });
-    source.addEventListener("error", (event) => {
+    current.addEventListener("end", () => { ended = true; current.close(); setState(state, "ended"); });
+    current.addEventListener("gap", (event) => {
+      // Frames were dropped while this tab was slow: reopen from the last one delivered to get
+      // the final turns back (a turn seen twice is only redrawn).
+      const gap = JSON.parse(event.data);
+      if (gap.resume_from) lastId = gap.resume_from;
+      reopen();
+    });
+    current.addEventListener("reset", (event) => { transcriptNotice.textContent = missing(JSON.parse(event.data).reason); });
+    current.addEventListener("error", (event) => {
+      if (ended || current !== source) return;
       if (event.data) {  // a terminal error frame from the server
         const error = JSON.parse(event.data);
-        if (error.error_code !== "UNAVAILABLE") { source.close(); setState(state, "error", error.message); return; }
+        if (error.error_code === "UNAVAILABLE" || error.error_code === "INTERNAL") { setState(state, "reconnecting"); return; }
+        current.close();
+        if (error.error_code !== "UNAUTHENTICATED") { setState(state, "error", error.message); return; }
+        // UNAUTHENTICATED: the token expired, or the key was revoked; the API tells which.
       }
-      if (ended) return;
-      if (source.readyState === EventSource.CLOSED) {
-        // Closed for good: a 204 (ended) or a refused token. Ask the API which.
-        api(`/v1/calls/${callId}`).then((call) => {
-          if (call.status !== "in_progress") { ended = true; setState(state, "ended"); }
-          else { setState(state, "reconnecting"); setTimeout(openTranscript, 1000); }
-        }).catch((error) => setState(state, "error", error.message));
-      } else {
-        setState(state, "reconnecting");
-      }
+      if (current.readyState !== EventSource.CLOSED) { setState(state, "reconnecting"); return; }
+      // Closed for good: a 204 (ended), a refused token, a 503. Ask the API (with the key).
+      api(`/v1/calls/${callId}`).then((call) => {
+        if (call.status === "in_progress") { setState(state, "reconnecting"); setTimeout(reopen, 1000); }
+        else if (lastId !== null && !caughtUp) { caughtUp = true; reopen(); }  // the turns since our cursor, then `end`
+        else { ended = true; setState(state, "ended"); }
+      }).catch((error) => setState(state, "error", error.message));
     });
   };
   await openTranscript();
 
-  // Events and DTMF: one WebSocket; reconnect on drain (1012) and faults, not after 1000.
+  // Events and DTMF: one WebSocket. Its first connection replays the call so far; a reconnect
+  // (drain 1012, faults, a dropped connection; never after 1000) resumes after the last event
+  // shown, and an event seen twice is shown once.
+  let lastEventId = null;
+  const seen = new Set();
+  const timelineNotice = el("p", { id: "timeline-notice", class: "notice" });
+  timeline.before(timelineNotice);
   const openSocket = async (attempt = 0) => {
     setState(socketState, attempt ? "reconnecting" : "connecting");
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    socket = new WebSocket(`${scheme}://${location.host}/v1/calls/${callId}/stream?token=${encodeURIComponent(await token())}`);
-    socket.onopen = () => setState(socketState, "live");
-    socket.onmessage = (message) => {
+    const params = new URLSearchParams({ token: await token() });
+    if (lastEventId !== null) params.set("last_event_id", lastEventId);
+    const current = socket = new WebSocket(`${scheme}://${location.host}/v1/calls/${callId}/stream?${params}`);
+    let resumeNow = false;
+    current.onopen = () => { attempt = 0; setState(socketState, "live"); };
+    current.onmessage = (message) => {
+      if (typeof message.data !== "string") return;  // audio is not asked for here
       const event = JSON.parse(message.data);
       if (event.event_type === "command.result") {
         const row = document.getElementById(`result-${event.request_id}`);
@@ -133,55 +165,84 @@ async function callView(callId) {
                    row.className = event.ok ? "ok" : "error"; }
         return;
       }
+      if (event.event_type === "stream.gap") {  // dropped for a slow tab: get them back now
+        if (event.resume_from) lastEventId = event.resume_from;
+        resumeNow = true; current.close(); return;
+      }
+      if (event.event_type === "stream.reset") { timelineNotice.textContent = missing(event.reason); return; }
+      if (seen.has(event.event_id)) return;
+      seen.add(event.event_id); lastEventId = event.event_id;
       timeline.prepend(el("li", { class: event.event_type.replace(".", "-") },
         `${event.timestamp.slice(11, 19)} ${event.event_type} ${JSON.stringify(event.payload)}`));
     };
-    socket.onclose = (close) => {
-      if (close.code === 1000) setState(socketState, "ended");
+    current.onclose = (close) => {
+      if (cleanupDone) return;
+      if (resumeNow) openSocket(0);
+      else if (close.code === 1000) setState(socketState, "ended");
       else if (close.code === 1008) setState(socketState, "error", close.reason || "unauthorised");
-      else if (!cleanupDone) setTimeout(() => openSocket(attempt + 1), Math.min(30000, 500 * 2 ** attempt) * Math.random());
+      else {  // a draining server may say when to come back ("... in 2345 ms"); else full jitter
+        const paced = / in (\d+) ms$/.exec(close.reason);
+        setTimeout(() => openSocket(attempt + 1), paced ? Number(paced[1]) : Math.min(30000, 500 * 2 ** attempt) * Math.random());
+      }
     };
   };
-  let cleanupDone = false;
   await openSocket();
-  cleanup.push(() => { cleanupDone = true; source?.close(); socket?.close(); });
 }
 
 // --- a conversation -----------------------------------------------------------------------------
 
 // EventSource cannot send headers, and this stream takes the Authorization header only: read it
-// with fetch and parse the frames by hand.
-async function readSse(path, onEvent, signal, onState) {
-  let attempt = 0;
+// with fetch and parse the frames by hand, keeping the last `id:` as EventSource would and
+// sending it back as `Last-Event-ID` on every reconnect, so nothing durable is missed.
+async function readSse(path, onEvent, signal, onState, onNotice) {
+  let attempt = 0, lastId = null;
   while (!signal.aborted) {
+    let resumeNow = false, delay = null;
     try {
       onState(attempt ? "reconnecting" : "connecting");
-      const response = await fetch(path, { headers: { Authorization: `Bearer ${key()}` }, signal });
+      const headers = { Authorization: `Bearer ${key()}` };
+      if (lastId !== null) headers["Last-Event-ID"] = lastId;
+      const response = await fetch(path, { headers, signal });
+      if (response.status >= 502 && response.status <= 504) throw new Error(`${response.status}`);
       if (!response.ok) { const body = await response.json(); onState("error", body.message); return; }
       onState("live");
       attempt = 0;
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = "";
-      for (;;) {
+      let buffer = "", stop = false;
+      while (!stop) {
         const { value, done } = await reader.read();
         if (done) break;
         buffer += value;
         let cut;
-        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        while (!stop && (cut = buffer.indexOf("\n\n")) >= 0) {
           const frame = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
           const fields = {};
           for (const line of frame.split("\n")) {
             if (line.startsWith(":")) continue;  // heartbeat
             const at = line.indexOf(":");
-            fields[line.slice(0, at)] = line.slice(at + 1).trimStart();
+            const name = at < 0 ? line : line.slice(0, at), value = at < 0 ? "" : line.slice(at + 1).replace(/^ /, "");
+            if (name === "id") lastId = value || null;
+            else if (name === "data") fields.data = fields.data === undefined ? value : `${fields.data}\n${value}`;
+            else fields[name] = value;
           }
-          if (fields.event === "error") { const e = JSON.parse(fields.data); if (e.error_code !== "UNAVAILABLE") { onState("error", e.message); return; } }
-          else if (fields.data) onEvent(JSON.parse(fields.data));
+          if (fields.data === undefined) continue;
+          const data = JSON.parse(fields.data);
+          if (fields.event === "error") {
+            if (data.error_code !== "UNAVAILABLE" && data.error_code !== "INTERNAL") { onState("error", data.message); await reader.cancel(); return; }
+            if (/^\d+$/.test(fields.retry || "")) delay = Number(fields.retry);  // a paced drain's own delay
+            stop = true;  // draining: reconnect, after that delay or a backoff, from the last id
+          } else if (fields.event === "gap") {
+            if (data.resume_from) lastId = data.resume_from;
+            resumeNow = stop = true;  // dropped while this tab was slow: get them back now
+          } else if (fields.event === "reset") onNotice(data.reason);
+          else if (!fields.event || fields.event === "message") onEvent(data);
         }
       }
+      if (stop) await reader.cancel();
     } catch (error) { if (signal.aborted) return; }
+    if (resumeNow) continue;
     attempt += 1;
-    await new Promise((resolve) => setTimeout(resolve, Math.min(30000, 500 * 2 ** attempt) * Math.random()));
+    await new Promise((resolve) => setTimeout(resolve, delay ?? Math.min(30000, 500 * 2 ** attempt) * Math.random()));
   }
 }
 
@@ -190,6 +251,7 @@ async function conversationView(conversationId) {
   const state = el("span", { id: "conversation-state" });
   const mode = el("strong", { id: "mode" }, conversation.ai_mode);
   const messages = el("ul", { id: "messages" });
+  const notice = el("p", { id: "conversation-notice", class: "notice" });
   const show = (m) => {
     let row = document.getElementById(`msg-${m.id}`);
     if (!row) { row = el("li", { id: `msg-${m.id}` }); messages.append(row); }
@@ -200,13 +262,14 @@ async function conversationView(conversationId) {
     api(`/v1/conversations/${conversationId}`, { method: "PATCH", body: JSON.stringify({ ai_mode: to }) })
       .catch((error) => setState(state, "error", error.message)) }, to);
   app.replaceChildren(el("h2", {}, `${conversation.channel} ${conversation.customer_number}`),
-    el("section", {}, el("p", {}, "Mode: ", mode, " ", handoff("ai"), handoff("human"), handoff("closed"), " ", state), messages));
+    el("section", {}, el("p", {}, "Mode: ", mode, " ", handoff("ai"), handoff("human"), handoff("closed"), " ", state), notice, messages));
   const controller = new AbortController();
   cleanup.push(() => controller.abort());
   readSse(`/v1/conversations/${conversationId}/stream`, (event) => {
     if (event.event_type === "conversation.mode_changed") mode.textContent = event.payload.to_mode;
     else if (event.event_type.startsWith("message.")) show({ id: event.payload.message_id, ...event.payload });
-  }, controller.signal, (s, text) => setState(state, s, text));
+  }, controller.signal, (s, text) => setState(state, s, text),
+  (reason) => { notice.textContent = missing(reason); });
 }
 
 // --- routing ------------------------------------------------------------------------------------
