@@ -51,6 +51,15 @@ async def database_url(backing_servers: tuple[str, str]) -> str:
 
 
 @pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A NATS of its own, for a test that stops it, or whose consumers read every subject."""
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 async def own_database(backing_servers: tuple[str, str]) -> str:
     """A fresh database of its own, for a server on a NATS of its own: every API process relays
     its database's outbox to *its* bus, and the session's servers must not relay this test's

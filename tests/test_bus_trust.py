@@ -10,8 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -32,15 +31,6 @@ from switchboard.webhooks.router import WebhookRouter
 from tests.harness import ServerThread, Workspace, eventually
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    """A bus of its own: these consumers read every workspace's subjects (`vb.>`)."""
-    server = EmbeddedNats(tmp_path / "nats")
-    server.start()
-    yield server
-    server.stop()
 
 
 class Consumers:

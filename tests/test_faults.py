@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -38,14 +37,6 @@ pytestmark = pytest.mark.slow
 
 CALL = {"to_number": "+14155550100", "from_number": "+14155550101"}
 SMS = {"channel": "sms", "to_number": "+14155550102", "from_number": "+14155550103"}
-
-
-@pytest.fixture
-def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "nats")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -568,14 +568,6 @@ async def test_with_postgres_down_every_path_is_a_503_and_the_log_says_so_once(
     assert sum("available again" in line for line in http_lines) == 1, http_lines
 
 
-@pytest.fixture
-def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "nats")
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.slow
 async def test_with_nats_down_opening_a_transcript_stream_is_a_503_logged_once(
     own_nats: EmbeddedNats, own_database: str

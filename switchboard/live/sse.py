@@ -244,29 +244,38 @@ class ConversationStream(StreamEndpoint):
         ws = principal.workspace_id
         outbox = self.new_outbox(gap=sse_gap)
         subject = conversation_events_subject(ws, conversation_id)
-        cursor = requested_cursor(scope)
         async with self.watching(ws, [(subject, View.CONVERSATION)], outbox):
             if not await services.database.conversation_exists(ws, conversation_id):
                 await send_error(scope, send, not_found("conversation", conversation_id))
                 return
-            before_live = None
-            if cursor is not None:
-                start = await locate(
-                    services.bus.client,
-                    services.bus.js,
-                    EVENTS_STREAM,
-                    cursor,
-                    lambda stored_subject: stored_subject == subject,
-                    self.history,
-                )
-                self.resumes[self.kind] += 1
-
-                async def before_live(send: Send) -> None:
-                    await self.catch_up_envelopes(start, subject, outbox, send)
-
-            await pump_sse(
-                services, self.kind, principal, outbox, scope, receive, send, before_live
+            await self.envelopes(
+                scope, receive, send, subject, outbox, lambda stored: stored == subject
             )
+
+    async def envelopes(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        subject: str,
+        outbox: Outbox,
+        belongs: Callable[[str], bool],
+    ) -> None:
+        """The envelope stream on `subject`, first catching up from the client's cursor, if
+        it sent one (`belongs` says which stored subjects a cursor may name)."""
+        services = self.services
+        cursor = requested_cursor(scope)
+        before_live = None
+        if cursor is not None:
+            bus = services.bus
+            start = await locate(bus.client, bus.js, EVENTS_STREAM, cursor, belongs, self.history)
+            self.resumes[self.kind] += 1
+
+            async def before_live(send: Send) -> None:
+                await self.catch_up_envelopes(start, subject, outbox, send)
+
+        principal: Principal = scope["state"]["principal"]
+        await pump_sse(services, self.kind, principal, outbox, scope, receive, send, before_live)
 
     async def catch_up_envelopes(
         self, start: Start, subject: str, outbox: Outbox, send: Send
@@ -337,7 +346,6 @@ class WorkspaceStream(ConversationStream):
     kind = "events_sse"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        services = self.services
         principal: Principal = scope["state"]["principal"]
         try:
             wants = event_type_filter(query_value(scope, "event_types"))
@@ -347,25 +355,9 @@ class WorkspaceStream(ConversationStream):
         ws = principal.workspace_id
         outbox = self.new_outbox(gap=sse_gap, wants=wants)
         subject = workspace_events_subject(ws)
-        cursor = requested_cursor(scope)
         async with self.watching(ws, [(subject, View.CONVERSATION)], outbox):
-            before_live = None
-            if cursor is not None:
-                start = await locate(
-                    services.bus.client,
-                    services.bus.js,
-                    EVENTS_STREAM,
-                    cursor,
-                    lambda stored_subject: in_workspace(stored_subject, ws),
-                    self.history,
-                )
-                self.resumes[self.kind] += 1
-
-                async def before_live(send: Send) -> None:
-                    await self.catch_up_envelopes(start, subject, outbox, send)
-
-            await pump_sse(
-                services, self.kind, principal, outbox, scope, receive, send, before_live
+            await self.envelopes(
+                scope, receive, send, subject, outbox, lambda stored: in_workspace(stored, ws)
             )
 
 
