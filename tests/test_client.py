@@ -161,6 +161,45 @@ async def test_the_client_resumes_on_another_replica_with_every_final_turn_it_mi
     assert sb.connections == 2 and stream.cursor is not None
 
 
+async def test_the_workspace_stream_resumes_on_another_replica(
+    make_server: Callable[..., ServerThread], workspace: Workspace, client: httpx.AsyncClient
+) -> None:
+    draining, other = make_server(drain_seconds=0.2), make_server()
+
+    async def send(text: str, conversation_id: str | None = None) -> str:
+        message: dict[str, Any] = {"text": text}
+        if conversation_id is None:
+            message |= {
+                "channel": "sms",
+                "to_number": "+14155550194",
+                "from_number": "+14155550000",
+            }
+        else:
+            message["conversation_id"] = conversation_id
+        sent = await client.post("/v1/messages", headers=workspace.headers, json=message)
+        assert sent.status_code == 201, sent.text
+        return str(sent.json()["conversation_id"])
+
+    async with SwitchboardClient([draining.url, other.url], workspace.key) as sb:
+        stream = sb.events(["message.*"])
+        first = asyncio.create_task(anext(stream))
+        await eventually(lambda: sb.connections == 1)
+        conversation_id = await send("one")
+        seen = [await asyncio.wait_for(first, WAIT)]
+        await asyncio.to_thread(draining.stop)
+        await send("two", conversation_id)
+        await send("three", conversation_id)
+        while len(seen) < 3:
+            seen.append(await asyncio.wait_for(anext(stream), WAIT))
+        await stream.aclose()
+    assert [(e["event_type"], e["payload"]["text"]) for e in seen] == [
+        ("message.sent", "one"),
+        ("message.sent", "two"),
+        ("message.sent", "three"),
+    ]
+    assert sb.connections == 2 and (stream.cursor or "").startswith("e")
+
+
 async def _all(stream: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
     return [item async for item in stream]
 
