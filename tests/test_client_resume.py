@@ -262,6 +262,22 @@ async def test_a_gap_reconnects_at_once_from_resume_from_and_recovers_the_droppe
         await stream.aclose()
 
 
+async def test_a_gap_before_any_frame_backs_off_but_stays_with_its_server() -> None:
+    rng = Draws()
+    async with SseServer() as a, SseServer() as b, client([a.url, b.url], rng) as sb:
+        stream = sb.conversation("conv_1", last_event_id="e3")
+        first = asyncio.create_task(anext(stream))
+        request = await a.next()
+        await request.open()
+        await request.send(named("gap", {"dropped": 5, "resume_from": "e3"}))
+        request = await a.next()
+        assert request.last_event_id == "e3" and len(rng.draws) == 1
+        await request.open()
+        await request.send(frame("e4", "four"))
+        assert (await wait(first))["text"] == "four"
+        await stream.aclose()
+
+
 async def test_a_reset_is_reported_and_the_stream_goes_on_live() -> None:
     resets: list[str] = []
     async with SseServer() as server, client(server.url) as sb:

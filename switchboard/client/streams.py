@@ -241,7 +241,8 @@ class SseStream:
             failures += 1
             if failures > client.max_attempts:
                 raise StreamClosed(f"{self.path}: {client.max_attempts} reconnects failed in a row")
-            index += 1
+            if not resume_now:  # a gap with no frame before it is no fault of the server's
+                index += 1
             await asyncio.sleep(client.backoff(failures) if delay is None else delay)
 
 
@@ -385,5 +386,7 @@ class CallSocket:
                     self.on_reset(step.reason)
             elif isinstance(step, Resume):
                 await socket.close()
-                await self._connect(after_failure=not delivered)
+                if not delivered:  # gap after gap with nothing between: not at full speed
+                    await asyncio.sleep(self.client.backoff(1))
+                await self._connect()
                 delivered = False
