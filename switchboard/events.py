@@ -128,6 +128,12 @@ def call_control_subject(workspace_id: str, call_id: str) -> str:
     return f"vb.{workspace_id}.call.{call_id}.control"
 
 
+def call_audio_subject(workspace_id: str, call_id: str) -> str:
+    """20 ms chunks of the call's mixed audio (SPEC 5.3's format): core NATS only, never stored,
+    so no stream's subjects may match it."""
+    return f"vb.{workspace_id}.call.{call_id}.audio"
+
+
 def conversation_events_subject(workspace_id: str, conversation_id: str) -> str:
     return f"vb.{workspace_id}.conversation.{conversation_id}.events"
 

@@ -6,6 +6,7 @@ it goes on the bus; what does not fit raises EventError with a message that says
     await producer.turn(ws, call, role="user", text="Hello", is_final=False, turn_id=t)
     await producer.event("call.barge_in", workspace_id=ws, call_id=call,
                          payload={"turn_id": t, "interrupted_text": "I was"})
+    await producer.audio(ws, call, pcm)  # every 20 ms: 640 bytes of 16 kHz mono s16le
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from nats.aio.client import Client
 from switchboard.bus.connection import store_envelope
 from switchboard.events import (
     EventError,
+    call_audio_subject,
     call_transcript_subject,
     check_envelope,
     is_voice,
     make_envelope,
 )
 from switchboard.ids import iso_ms, new_id, utc_now
+from switchboard.live.audio import CHUNK_BYTES, CHUNK_MS, SAMPLE_RATE
 
 ROLES = ("user", "agent")
 
@@ -100,6 +103,20 @@ class Producer:
                 payload={"turn_id": turn_id, "role": role, "text": text},
                 timestamp=ts,
             )
+
+    async def audio(self, workspace_id: str, call_id: str, pcm: bytes) -> None:
+        """One 20 ms chunk of the call's mixed audio (caller and agent): 16 kHz mono signed
+        16-bit little-endian PCM, exactly 640 bytes. Publish one every 20 ms, in order, as the
+        audio happens; it is live only (core NATS, never stored), and listeners get it as is."""
+        if not isinstance(pcm, bytes | bytearray | memoryview):
+            raise EventError("an audio chunk is bytes of PCM")
+        chunk = bytes(pcm)
+        if len(chunk) != CHUNK_BYTES:
+            raise EventError(
+                f"an audio chunk is {CHUNK_MS} ms of {SAMPLE_RATE} Hz mono 16-bit PCM, "
+                f"{CHUNK_BYTES} bytes; this one is {len(chunk)}"
+            )
+        await self.client.publish(call_audio_subject(workspace_id, call_id), chunk)
 
     @staticmethod
     def new_turn_id() -> str:
