@@ -1,6 +1,7 @@
 """Plays scripts on the bus, and plays the media plane for one workspace: it runs calls placed
 with `POST /v1/calls`, answers DTMF commands (then emits `call.dtmf_sent`), and drops a call
-the API hung up (the API itself publishes that call's `call.completed`).
+the API hung up (the API itself publishes that call's `call.completed`). A call has sound: its
+turns spoken by a speech engine, mixed, and published in real time on its `.audio` subject.
 
 Every call it begins, it ends: a stop ends the calls on the air as `failed`, ended by the
 `system`, and a start first ends those a killed predecessor left behind (see `ledger`)."""
@@ -12,8 +13,10 @@ import contextlib
 import logging
 import random
 import time
+from array import array
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from nats.aio.client import Client
@@ -22,8 +25,10 @@ from nats.aio.subscription import Subscription
 
 from switchboard.live.history import stored_call
 from switchboard.producer import Producer
+from switchboard.simulate.audio import Mixer, chunk_time, due_chunks
 from switchboard.simulate.ledger import CallLedger
-from switchboard.simulate.script import Step, call_script, conversation_script
+from switchboard.simulate.script import Step, call_script, conversation_script, spoken_turns
+from switchboard.simulate.speech import ENGINE, Speech
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,12 @@ TRANSPORTS = ("esl", "sip", "webrtc")
 # Seconds a stop waits for its calls to store their end (a publish waits at most 5 s for its
 # acknowledgement); a call still unended after that is ended by the next start.
 STOP_GRACE = 6.0
+
+
+class CallScript(Protocol):
+    """What a call does after its `call.initiated` (`script.call_script` unless a test says)."""
+
+    def __call__(self, rng: random.Random, *, transport: str) -> list[Step]: ...
 
 
 @dataclass(frozen=True)
@@ -74,10 +85,91 @@ class LiveCall:
         self.interrupt.set()
 
 
+class CallAudio:
+    """A call's sound on the bus, from its first step to its end: one 20 ms chunk every 20 ms by
+    the loop's clock (chunk k at start + k * 20 ms, so a late wake-up catches up instead of
+    drifting), silence whenever nobody speaks, so a listener hears a continuous stream. Audio
+    is lossy by nature: a chunk the bus refuses is dropped (said once) and the next goes on."""
+
+    def __init__(self, call_id: str, publish: Callable[[bytes], Awaitable[None]]) -> None:
+        self.call_id = call_id
+        self.mixer = Mixer()
+        self._publish = publish
+        self._clock: asyncio.Task[None] | None = None
+        self._rendering: dict[str, asyncio.Task[None]] = {}
+        self._failure_told = False
+
+    def start(self) -> None:
+        self._clock = asyncio.create_task(self._run())
+
+    def say(self, key: str, speech: Awaitable[array[int] | None]) -> None:
+        """Plays the samples `speech` gives, from the chunk after they are ready."""
+
+        async def when_ready() -> None:
+            samples = await speech
+            if samples is not None:
+                self.mixer.add(key, samples)
+
+        self._rendering[key] = asyncio.create_task(when_ready())
+
+    def cut(self, key: str) -> None:
+        """Stops a voice mid-way (a barge-in), or before it began."""
+        rendering = self._rendering.pop(key, None)
+        if rendering is not None:
+            rendering.cancel()
+        self.mixer.cut(key)
+
+    async def stop(self) -> None:
+        tasks = [*self._rendering.values(), *([self._clock] if self._clock else [])]
+        self._rendering.clear()
+        self._clock = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        start, sent = loop.time(), 0
+        while True:
+            skip, send = due_chunks(start, sent, loop.time())
+            for _ in range(skip):
+                self.mixer.next_chunk()
+            for _ in range(send):
+                chunk = self.mixer.next_chunk()
+                try:
+                    await self._publish(chunk)
+                except Exception as failure:
+                    if not self._failure_told:
+                        self._failure_told = True
+                        log.warning(
+                            "audio of call %s: chunks dropped (%s)",
+                            self.call_id,
+                            type(failure).__name__,
+                        )
+            sent += skip + send
+            await asyncio.sleep(max(0.0, chunk_time(start, sent) - loop.time()))
+
+
 class Simulator:
-    def __init__(self, client: Client, plan: SimulationPlan) -> None:
+    """`speech` says the turns (espeak-ng on the PATH unless given); `script` makes each call's
+    steps. Sound needs both a speech engine and a real-time pace (pace >= 1): a call played
+    faster than it would be spoken has none."""
+
+    def __init__(
+        self,
+        client: Client,
+        plan: SimulationPlan,
+        *,
+        speech: Speech | None = None,
+        script: CallScript = call_script,
+    ) -> None:
         self.client = client
         self.plan = plan
+        self.speech = speech if speech is not None else Speech()
+        self.script = script
+        self.speaking = False  # whether calls have sound; decided by start()
         self.producer = Producer(client)
         self.rng = random.Random(plan.seed)
         self.live_calls: dict[str, LiveCall] = {}
@@ -93,6 +185,12 @@ class Simulator:
 
     async def start(self) -> None:
         ws = self.plan.workspace_id
+        if self.plan.pace < 1.0:
+            log.info("simulated calls play no audio: the pace is faster than real time")
+        elif not self.speech.available:
+            log.warning("%s is not installed: simulated calls play no audio", ENGINE)
+        else:
+            self.speaking = True
         self._ledger = await CallLedger.open(self.client.jetstream(), ws)
         await self._end_left_behind()
         self._subscriptions.append(
@@ -131,6 +229,7 @@ class Simulator:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        await self.speech.stop()
 
     async def _end_left_behind(self) -> None:
         """Ends the calls on record for this workspace that no simulator is playing now: a
@@ -204,6 +303,7 @@ class Simulator:
         until its end is stored, so a simulator killed meanwhile leaves it to the next."""
         assert self._ledger is not None
         ws = self.plan.workspace_id
+        audio: CallAudio | None = None
         try:
             if inbound and await call.pause(self.rng.uniform(0, 2.0) * self.plan.pace):
                 return  # stopped before it began
@@ -221,13 +321,23 @@ class Simulator:
                         "transport": call.transport,
                     },
                 )
-            for step in call_script(self.rng, transport=call.transport):
+            steps = self.script(self.rng, transport=call.transport)
+            unsaid = spoken_turns(steps)
+            audio = self._call_audio(call.call_id, unsaid)
+            for step in steps:
                 if await call.pause(step.delay * self.plan.pace):
+                    if audio is not None:
+                        await audio.stop()
                     if not call.hung_up:  # stopping: the call ends here, as failed
                         call.completing = True
                         await self._end_failed(call.call_id, call.started)
                     break
                 call.completing = step.data.get("event_type") == "call.completed"
+                if audio is not None:
+                    if call.completing:  # the last audio goes out before the end
+                        await audio.stop()
+                    else:
+                        self._voice(audio, step, unsaid)
                 await self._play(step, call_id=call.call_id)
             else:
                 self.finished_calls.append(call.call_id)
@@ -235,7 +345,33 @@ class Simulator:
         except Exception as failure:  # the bus is down: the ledger keeps the call for later
             log.warning("simulated call %s stopped: %s", call.call_id, type(failure).__name__)
         finally:
+            if audio is not None:
+                await audio.stop()
             self.live_calls.pop(call.call_id, None)
+
+    def _call_audio(self, call_id: str, lines: dict[str, tuple[str, str]]) -> CallAudio | None:
+        """The call's sound, started, with every line it will say already rendering."""
+        if not self.speaking:
+            return None
+        for role, text in lines.values():
+            self.speech.prefetch(role, text)
+        ws = self.plan.workspace_id
+
+        async def publish(chunk: bytes) -> None:
+            await self.producer.audio(ws, call_id, chunk)
+
+        audio = CallAudio(call_id, publish)
+        audio.start()
+        return audio
+
+    def _voice(self, audio: CallAudio, step: Step, unsaid: dict[str, tuple[str, str]]) -> None:
+        """A turn's speech begins with its first partial; a barge-in cuts the agent short."""
+        if step.kind == "turn":
+            line = unsaid.pop(step.data["turn_id"], None)
+            if line is not None:
+                audio.say(step.data["turn_id"], self.speech.render(*line))
+        elif step.data.get("event_type") == "call.barge_in":
+            audio.cut(step.data["payload"]["turn_id"])
 
     async def _play(
         self, step: Step, *, call_id: str | None = None, conversation: dict[str, Any] | None = None

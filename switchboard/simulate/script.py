@@ -72,6 +72,16 @@ def _speak(rng: random.Random, role: str, line: str, turn_id: str) -> list[Step]
     return steps
 
 
+def spoken_turns(steps: list[Step]) -> dict[str, tuple[str, str]]:
+    """turn_id -> (role, what the turn says in the end: its final text, or its last partial's),
+    so its speech can begin with its first partial."""
+    spoken: dict[str, tuple[str, str]] = {}
+    for step in steps:
+        if step.kind == "turn":
+            spoken[step.data["turn_id"]] = (step.data["role"], step.data["text"])
+    return spoken
+
+
 def call_script(rng: random.Random, *, transport: str, exchanges: int | None = None) -> list[Step]:
     """One call after its `call.initiated`: user and agent turns, the odd barge-in (never on
     WebRTC), silence and quality dip, then `call.quality` and `call.completed`, last."""
