@@ -69,6 +69,72 @@ async function home() {
   cleanup.push(() => clearInterval(timer));
 }
 
+// --- listening ----------------------------------------------------------------------------------
+
+// The call's live audio arrives on its socket as binary frames: 20 ms of 16 kHz mono signed
+// 16-bit little-endian PCM each (SPEC 5.3). Each frame becomes an AudioBuffer scheduled on the
+// AudioContext's clock about 100 ms ahead of now (a jitter buffer: frames that arrive unevenly
+// still play back to back); when the queue runs dry it fills up again from 100 ms ahead, and a
+// frame that would play more than half a second late is dropped, so the listener stays near
+// the present. No worklet, no blob: the page's `default-src 'self'` allows all of this.
+const AUDIO_RATE = 16000, AHEAD = 0.1, MOST_AHEAD = 0.5;
+
+function audioPlayer(meter) {
+  let context = null, analyser = null, gain = null, samples = null, playAt = 0, timer = null;
+  let scheduled = 0, dropped = 0, muted = false;
+  const show = () => { meter.dataset.chunks = String(scheduled); meter.dataset.dropped = String(dropped); };
+  // The level is measured before the mute, so a muted listener still sees the call talking.
+  const measure = () => {
+    analyser.getFloatTimeDomainData(samples);
+    let sum = 0;
+    for (const x of samples) sum += x * x;
+    const rms = Math.sqrt(sum / samples.length);
+    meter.value = Math.min(1, rms * 4);
+    meter.dataset.rms = rms.toFixed(4);
+  };
+  return {
+    start() {
+      try { context = new AudioContext({ sampleRate: AUDIO_RATE, latencyHint: "interactive" }); }
+      catch { context = new AudioContext({ latencyHint: "interactive" }); }  // buffers say 16 kHz anyway
+      analyser = context.createAnalyser();
+      analyser.fftSize = 2048;
+      samples = new Float32Array(analyser.fftSize);
+      gain = context.createGain();
+      gain.gain.value = muted ? 0 : 1;
+      analyser.connect(gain).connect(context.destination);
+      playAt = 0; scheduled = 0; dropped = 0; show();
+      timer = setInterval(measure, 100);
+      context.resume();  // started from a click or a key: the browser lets it play
+    },
+    play(data) {
+      if (!context) return;
+      const view = new DataView(data), count = data.byteLength >> 1;
+      if (!count) return;
+      const buffer = context.createBuffer(1, count, AUDIO_RATE), channel = buffer.getChannelData(0);
+      for (let i = 0; i < count; i++) channel[i] = view.getInt16(2 * i, true) / 32768;
+      const now = context.currentTime;
+      if (playAt < now) playAt = now + AHEAD;  // the first frame, or the queue ran dry
+      else if (playAt > now + MOST_AHEAD) { dropped++; show(); return; }
+      const source = context.createBufferSource();
+      source.buffer = buffer;
+      source.connect(analyser);
+      source.start(playAt);
+      playAt += buffer.duration;
+      scheduled++; show();
+    },
+    mute(on) {
+      muted = on;
+      if (gain) gain.gain.value = on ? 0 : 1;
+    },
+    stop() {
+      clearInterval(timer); timer = null;
+      context?.close().catch(() => {});
+      context = analyser = gain = null;
+      meter.value = 0; meter.dataset.rms = "0";
+    },
+  };
+}
+
 // --- a call -------------------------------------------------------------------------------------
 
 async function callView(callId) {
@@ -82,9 +148,18 @@ async function callView(callId) {
       results.prepend(el("li", { id: `result-${requestId}` }, `${digit}: sent…`));
       socket?.send(JSON.stringify({ action: "send_dtmf", digits: digit, request_id: requestId }));
     } }, digit)));
+  // Listen, mute and the level: toggle buttons whose names stay put and whose state is
+  // aria-pressed (shown pressed), a labelled meter, and a status line that says what is heard.
+  const listenButton = el("button", { id: "listen", type: "button", "aria-pressed": "false", disabled: "" }, "Listen");
+  const muteButton = el("button", { id: "mute", type: "button", "aria-pressed": "false", disabled: "" }, "Mute");
+  const level = el("meter", { id: "level", min: "0", max: "1", value: "0", "data-rms": "0", "data-chunks": "0" });
+  const listenState = el("span", { id: "listen-state", role: "status" });
+  setState(listenState, "off");
+  const listenBar = el("div", { class: "listen", role: "group", "aria-label": "Listen to the call" },
+    listenButton, muteButton, el("label", { for: "level" }, "Level"), level, listenState);
   app.replaceChildren(el("h2", {}, `Call ${callId}`), el("div", { class: "cols" },
     el("section", {}, el("h3", {}, "Transcript ", state), transcript),
-    el("section", {}, el("h3", {}, "Events ", socketState), keypad, results, timeline)));
+    el("section", {}, el("h3", {}, "Events ", socketState), listenBar, keypad, results, timeline)));
 
   const token = async () => (await api("/v1/stream-tokens", {
     method: "POST", body: JSON.stringify({ call_id: callId, ttl_seconds: 600 }) })).token;
@@ -94,7 +169,8 @@ async function callView(callId) {
   // itself and sends `Last-Event-ID` on its own: the turns missed meanwhile come first. Only
   // when it has closed for good (an expired token, a 503) is a new one made, from the last id.
   let source = null, ended = false, lastId = null, caughtUp = false, cleanupDone = false;
-  cleanup.push(() => { cleanupDone = true; source?.close(); socket?.close(); });
+  const player = audioPlayer(level);
+  cleanup.push(() => { cleanupDone = true; source?.close(); socket?.close(); player.stop(); });
   const transcriptNotice = el("p", { id: "transcript-notice", class: "notice" });
   transcript.before(transcriptNotice);
   const openTranscript = async () => {
@@ -148,17 +224,68 @@ async function callView(callId) {
   const seen = new Set();
   const timelineNotice = el("p", { id: "timeline-notice", class: "notice" });
   timeline.before(timelineNotice);
+  // Listening is asked for per socket: a reconnected socket asks again.
+  let listening = false, listenSeq = 0, callOver = false;
+  const listenRequests = new Set();
+  const askAudio = (action) => {
+    const requestId = `${action}-${++listenSeq}`;
+    listenRequests.add(requestId);
+    if (socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ action, request_id: requestId }));
+  };
+  const stopListening = (stateName) => {
+    if (listening && stateName === "off") askAudio("unlisten");
+    listening = false;
+    player.stop();
+    listenButton.setAttribute("aria-pressed", "false");
+    muteButton.disabled = true;
+    setState(listenState, stateName);
+  };
+  const callEnded = () => {
+    callOver = true;
+    stopListening("ended");
+    listenButton.disabled = true;
+  };
+  listenButton.addEventListener("click", () => {
+    if (listening) { stopListening("off"); return; }
+    listening = true;
+    player.start();
+    listenButton.setAttribute("aria-pressed", "true");
+    muteButton.disabled = false;
+    setState(listenState, "connecting");
+    askAudio("listen");
+  });
+  muteButton.addEventListener("click", () => {
+    const on = muteButton.getAttribute("aria-pressed") !== "true";
+    player.mute(on);
+    muteButton.setAttribute("aria-pressed", String(on));
+  });
+
   const openSocket = async (attempt = 0) => {
     setState(socketState, attempt ? "reconnecting" : "connecting");
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const params = new URLSearchParams({ token: await token() });
     if (lastEventId !== null) params.set("last_event_id", lastEventId);
     const current = socket = new WebSocket(`${scheme}://${location.host}/v1/calls/${callId}/stream?${params}`);
+    current.binaryType = "arraybuffer";
     let resumeNow = false;
-    current.onopen = () => { attempt = 0; setState(socketState, "live"); };
+    current.onopen = () => {
+      attempt = 0; setState(socketState, "live");
+      if (callOver) return;
+      listenButton.disabled = false;
+      if (listening) { setState(listenState, "connecting"); askAudio("listen"); }
+    };
     current.onmessage = (message) => {
-      if (typeof message.data !== "string") return;  // audio is not asked for here
+      if (typeof message.data !== "string") {  // audio, after a listen
+        if (listening) player.play(message.data);
+        return;
+      }
       const event = JSON.parse(message.data);
+      if (event.event_type === "command.result" && listenRequests.delete(event.request_id)) {
+        if (!event.request_id.startsWith("listen-") || !listening) return;
+        if (event.ok) setState(listenState, "live", "listening");
+        else { stopListening("error"); listenState.textContent = `${event.error_code} ${event.message}`; }
+        return;
+      }
       if (event.event_type === "command.result") {
         const row = document.getElementById(`result-${event.request_id}`);
         if (row) { row.textContent = `${row.textContent.split(":")[0]}: ${event.ok ? "ok" : `${event.error_code} ${event.message}`}`;
@@ -172,15 +299,19 @@ async function callView(callId) {
       if (event.event_type === "stream.reset") { timelineNotice.textContent = missing(event.reason); return; }
       if (seen.has(event.event_id)) return;
       seen.add(event.event_id); lastEventId = event.event_id;
+      if (event.event_type === "call.completed") callEnded();
       timeline.prepend(el("li", { class: event.event_type.replace(".", "-") },
         `${event.timestamp.slice(11, 19)} ${event.event_type} ${JSON.stringify(event.payload)}`));
     };
     current.onclose = (close) => {
       if (cleanupDone) return;
       if (resumeNow) openSocket(0);
-      else if (close.code === 1000) setState(socketState, "ended");
-      else if (close.code === 1008) setState(socketState, "error", close.reason || "unauthorised");
-      else {  // a draining server may say when to come back ("... in 2345 ms"); else full jitter
+      else if (close.code === 1000) { setState(socketState, "ended"); callEnded(); }
+      else if (close.code === 1008) {
+        setState(socketState, "error", close.reason || "unauthorised");
+        if (listening) stopListening("error");
+      } else {  // a draining server may say when to come back ("... in 2345 ms"); else full jitter
+        if (listening) setState(listenState, "reconnecting");  // the new socket asks again
         const paced = / in (\d+) ms$/.exec(close.reason);
         setTimeout(() => openSocket(attempt + 1), paced ? Number(paced[1]) : Math.min(30000, 500 * 2 ** attempt) * Math.random());
       }
