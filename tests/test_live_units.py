@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 
+from switchboard.live.audio import BUFFER_CHUNKS, CHUNK_BYTES, AudioBuffer, AudioChunk
 from switchboard.live.frames import (
     CommandError,
     Ending,
+    Listen,
     SendDtmf,
     Terminal,
+    Unlisten,
     command_result,
     parse_command,
     sse_data,
@@ -170,3 +174,63 @@ async def test_replies_owed_to_a_client_are_bounded_by_not_reading_its_commands(
     box.push_priority("r5")
     box.abort()
     await asyncio.wait_for(box.reply_room(), 1)  # an aborted outbox never holds a reader
+
+
+# --- listening (SPEC 5.3) ----------------------------------------------------------------------
+
+
+def test_listen_and_unlisten_are_commands() -> None:
+    assert parse_command('{"action":"listen","request_id":"r2"}') == Listen("r2")
+    assert parse_command('{"action":"unlisten","request_id":"r3"}') == Unlisten("r3")
+    for text in ('{"action":"listen"}', '{"action":"listen","request_id":""}'):
+        result = parse_command(text)
+        assert isinstance(result, CommandError) and result.request_id is None
+    assert CHUNK_BYTES == 640 and BUFFER_CHUNKS == 50  # 20 ms of 16 kHz s16le; one second
+
+
+def test_audio_buffer_is_bounded_and_loses_the_oldest() -> None:
+    drops: list[int] = []
+    buffer = AudioBuffer(3, on_drop=lambda: drops.append(1))
+    chunks = [AudioChunk(bytes([n]) * CHUNK_BYTES) for n in range(5)]
+    for chunk in chunks:
+        buffer.push(chunk)
+    assert len(buffer) == 3 and buffer.dropped == 2 and len(drops) == 2
+    assert [buffer.pop() for _ in range(4)] == [*chunks[2:], None]
+
+
+async def test_events_replies_and_the_end_go_before_audio_and_audio_needs_a_listen() -> None:
+    box = Outbox(4)
+    a, b = AudioChunk(b"a" * CHUNK_BYTES), AudioChunk(b"b" * CHUNK_BYTES)
+    assert not box.offer_audio(a)  # not listening: nothing is queued
+    box.listen(AudioBuffer(2))
+    assert box.offer_audio(a) and box.offer_audio(b)
+    box.offer("event")
+    box.push_priority("reply")
+    assert [await box.next(audio=True) for _ in range(4)] == ["reply", "event", a, b]
+    # An SSE writer never asks for audio: it would wait here rather than take a chunk.
+    box.offer_audio(a)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(box.next(), 0.05)
+    # At the end the terminal goes first and the audio still queued is dropped.
+    box.offer("last")
+    box.end(Terminal(Ending.CALL_COMPLETED))
+    assert not box.offer_audio(b)
+    assert [await box.next(audio=True) for _ in range(2)] == [
+        "last",
+        Terminal(Ending.CALL_COMPLETED),
+    ]
+
+
+async def test_unlisten_forgets_queued_audio_and_a_second_listen_keeps_the_buffer() -> None:
+    box = Outbox(4)
+    first = AudioBuffer()
+    box.listen(first)
+    box.listen(AudioBuffer())
+    assert box.audio is first
+    box.offer_audio(AudioChunk(b"a" * CHUNK_BYTES))
+    box.unlisten()
+    assert box.audio is None and not box.offer_audio(AudioChunk(b"b" * CHUNK_BYTES))
+    box.offer("event")
+    assert await box.next(audio=True) == "event"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(box.next(audio=True), 0.05)

@@ -101,13 +101,28 @@ class SendDtmf:
 
 
 @dataclass(frozen=True)
+class Listen:
+    """Start sending this socket the call's live audio (SPEC 5.3, "Listening")."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Unlisten:
+    request_id: str
+
+
+Command = SendDtmf | Listen | Unlisten
+
+
+@dataclass(frozen=True)
 class CommandError:
     request_id: str | None
     error_code: str
     message: str
 
 
-def parse_command(text: str) -> SendDtmf | CommandError:
+def parse_command(text: str) -> Command | CommandError:
     """A client message to a command, or the error its sender gets back (never an exception)."""
     try:
         message = orjson.loads(text)
@@ -121,8 +136,16 @@ def parse_command(text: str) -> SendDtmf | CommandError:
             None, "INVALID_ARGUMENT", "request_id must be a string of 1 to 128 characters."
         )
     action = message.get("action")
+    if action == "listen":
+        return Listen(request_id)
+    if action == "unlisten":
+        return Unlisten(request_id)
     if action != "send_dtmf":
-        return CommandError(request_id, "INVALID_ARGUMENT", f"Unknown action {action!r}.")
+        return CommandError(
+            request_id,
+            "INVALID_ARGUMENT",
+            f"Unknown action {action!r}: send_dtmf, listen or unlisten.",
+        )
     digits = message.get("digits")
     if not isinstance(digits, str) or not DTMF_DIGITS.fullmatch(digits):
         return CommandError(

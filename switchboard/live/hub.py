@@ -1,6 +1,9 @@
 """The hub: per replica, one NATS subscription per watched subject however many clients watch
 it. Each message is decoded once, encoded once per view (an SSE frame, a WebSocket text), and
-the same bytes are offered to every watcher's outbox. Offers never block the subscriber."""
+the same bytes are offered to every watcher's outbox. Offers never block the subscriber.
+
+Stored subjects are read from JetStream's `live.` republication (so frames carry cursors); a
+call's audio is never stored, so its topic subscribes to the producers' core subject itself."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from switchboard.events import LIVE_PREFIX, live_subject, subject_mismatch
+from switchboard.live.audio import CHUNK_BYTES, AudioChunk
 from switchboard.live.cursor import PREFIXES, cursor_text
 from switchboard.live.frames import Ending, Terminal, sse_data
 from switchboard.live.metrics import Metrics
@@ -37,6 +41,12 @@ class View(Enum):
     TRANSCRIPT_END = "transcript_end"  # .events -> only the end of the call
     CALL_EVENTS = "call_events"  # .events -> WebSocket envelopes, then the end
     CONVERSATION = "conversation"  # conversation .events -> SSE envelope frames
+    AUDIO = "audio"  # a call's .audio (core NATS, not stored) -> WebSocket binary frames
+
+    @property
+    def stored(self) -> bool:
+        """Whether the view's subject is stored (read from its `live.` republication)."""
+        return self is not View.AUDIO
 
 
 def cursor_of(view: View, message: dict[str, Any], stream: str, seq: int) -> str:
@@ -72,6 +82,7 @@ def encode(view: View, message: dict[str, Any], cursor: str) -> list[Item]:
 class Topic:
     subject: str  # as producers publish it (the hub subscribes to its `live.` republication)
     workspace_id: str
+    stored: bool = True  # False: a core subject (audio), subscribed to directly
     subscription: Subscription | None = None
     watchers: dict[View, set[Outbox]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -105,16 +116,20 @@ class Hub:
         """Adds a watcher; on the first one, subscribes and waits until NATS has registered the
         subscription, so the caller may read state afterwards without missing a message."""
         while True:
-            topic = self.topics.setdefault(subject, Topic(subject, workspace_id))
+            topic = self.topics.setdefault(subject, Topic(subject, workspace_id, view.stored))
             async with topic.lock:
                 if self.topics.get(subject) is not topic:
                     continue  # removed while we waited for its lock: start over
+                if topic.stored != view.stored:
+                    raise ValueError(f"{view} cannot watch {subject}: stored and core differ")
                 topic.watchers.setdefault(view, set()).add(outbox)
                 if topic.subscription is None:
                     try:
-                        topic.subscription = await self.client.subscribe(
-                            live_subject(subject), cb=self._receiver(topic)
-                        )
+                        if topic.stored:
+                            target, receive = live_subject(subject), self._receiver(topic)
+                        else:
+                            target, receive = subject, self._audio_receiver(topic)
+                        topic.subscription = await self.client.subscribe(target, cb=receive)
                         await self.client.flush(timeout=5)
                     except BaseException:
                         topic.watchers[view].discard(outbox)
@@ -184,6 +199,24 @@ class Hub:
                             outbox.end(item)
                         elif outbox.wants is None or outbox.wants(str(event_type)):
                             outbox.offer(item, seq, cursor)
+
+        return receive
+
+    def _audio_receiver(self, topic: Topic) -> Callable[[Msg], Any]:
+        """A call's audio: only whole 20 ms chunks pass (SPEC 5.3), wrapped once and offered to
+        every listener. The subscription's subject was built from the listener's principal and
+        the call in its path; there is nothing in raw PCM to trust or distrust."""
+
+        async def receive(msg: Msg) -> None:
+            self.metrics.bus_messages += 1
+            if len(msg.data) != CHUNK_BYTES:
+                self._reject(
+                    f"an audio chunk of {len(msg.data)} bytes, not {CHUNK_BYTES}", "audio_size"
+                )
+                return
+            chunk = AudioChunk(msg.data)
+            for outbox in topic.watchers.get(View.AUDIO, ()):
+                outbox.offer_audio(chunk)
 
         return receive
 

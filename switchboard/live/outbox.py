@@ -3,14 +3,20 @@
 The bus side calls `offer` and never waits: a full outbox drops the new frame and counts it.
 Replies to the client's own commands and the terminal frame bypass the bound (they must not be
 lost), so a stalled client can still be told why its stream ended; replies have a bound of their
-own, which the WebSocket keeps by not reading the client's next command until there is room."""
+own, which the WebSocket keeps by not reading the client's next command until there is room.
+
+A call WebSocket that listens (SPEC 5.3) also has an audio buffer beside the frames: bounded in
+time, losing its oldest chunk when full, and drained only when no event, reply or terminal is
+waiting, so audio never delays an event and an event never waits for room behind audio."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from typing import Literal, overload
 
+from switchboard.live.audio import AudioBuffer, AudioChunk
 from switchboard.live.frames import Terminal
 
 # SSE frames are bytes; WebSocket texts are str, decoded once for all watchers.
@@ -55,6 +61,8 @@ class Outbox:
         self.writing_since: float | None = None
         self._reply_room = asyncio.Event()
         self._reply_room.set()
+        # The audio waiting for this client while it listens; None while it does not.
+        self.audio: AudioBuffer | None = None
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -81,6 +89,24 @@ class Outbox:
         self._frames.append((seq, frame))
         if cursor is not None:
             self.last_cursor = cursor
+        self._ready.set()
+        return True
+
+    def listen(self, buffer: AudioBuffer) -> None:
+        """Starts accepting audio (a second listen keeps the buffer it has)."""
+        if self.audio is None and not self.aborted:
+            self.audio = buffer
+
+    def unlisten(self) -> None:
+        """Stops accepting audio and forgets what waits: nothing reaches the client after this."""
+        self.audio = None
+
+    def offer_audio(self, chunk: AudioChunk) -> bool:
+        """Queues a chunk for a listening client; never blocks. A full buffer loses its oldest
+        chunk (counted by the buffer), never this one; after the end nothing is queued."""
+        if self.audio is None or self._terminal is not None or self.aborted:
+            return False
+        self.audio.push(chunk)
         self._ready.set()
         return True
 
@@ -136,6 +162,7 @@ class Outbox:
         self.aborted = True
         self._frames.clear()
         self._priority.clear()
+        self.audio = None
         self._ready.set()
         self._reply_room.set()
 
@@ -154,9 +181,18 @@ class Outbox:
             self._skip_replayed()
         return batch
 
-    async def next(self) -> Item | None:
-        """The next frame, then the terminal. None when a heartbeat is due or the outbox was
-        aborted. There is no timeout: the registry's ticker wakes idle writers."""
+    @overload
+    async def next(self) -> Item | None: ...
+
+    @overload
+    async def next(self, *, audio: Literal[True]) -> Item | AudioChunk | None: ...
+
+    async def next(self, *, audio: bool = False) -> Item | AudioChunk | None:
+        """The next reply or frame, then the terminal. None when a heartbeat is due or the
+        outbox was aborted. There is no timeout: the registry's ticker wakes idle writers.
+
+        With `audio` (a writer that also sends audio), a chunk only when no reply, frame or
+        terminal is waiting; at the end the terminal comes first and unsent audio is dropped."""
         while not self.aborted:
             if self.heartbeat_due:
                 self.heartbeat_due = False
@@ -170,6 +206,10 @@ class Outbox:
                 return self._frames.popleft()[1]
             if self._terminal is not None:
                 return self._terminal
+            if audio and self.audio is not None:
+                chunk = self.audio.pop()
+                if chunk is not None:
+                    return chunk
             self._ready.clear()
             await self._ready.wait()
         return None

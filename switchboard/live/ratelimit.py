@@ -8,9 +8,10 @@ COMMAND_BURST = 20
 
 
 class TokenBucket:
-    """Holds up to `burst` tokens and gains `rate` a second; each message spends one. A burst
-    of a keypad's worth of digits passes at once; a client that keeps sending faster than
-    `rate` is refused the excess, one message at a time, never disconnected."""
+    """Holds up to `burst` tokens and gains `rate` a second; each message spends one, whatever
+    it asks (send_dtmf, listen, unlisten, or something malformed). A burst of a keypad's worth
+    of digits passes at once; a client that keeps sending faster than `rate` is refused the
+    excess, one message at a time, never disconnected."""
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self.rate = rate

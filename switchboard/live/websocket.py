@@ -1,7 +1,8 @@
 """The call event WebSocket (SPEC 5.3), as a raw ASGI endpoint. Auth happened before the
 upgrade (the middleware answers a plain 401 instead); here: 404 before the upgrade for a call
 that is not the caller's, then the call's history and live envelopes out, DTMF commands in
-(rate-limited per socket), and the close codes of SPEC."""
+(rate-limited per socket), and the close codes of SPEC. A socket that sends `listen` also gets
+the call's live audio as binary frames, after its events, until `unlisten` or the end."""
 
 from __future__ import annotations
 
@@ -21,16 +22,20 @@ from switchboard.bus.stored import stored_after
 from switchboard.errors import not_found
 from switchboard.events import (
     EVENTS_STREAM,
+    call_audio_subject,
     call_control_subject,
     call_events_subject,
     subject_mismatch,
 )
+from switchboard.live.audio import AudioBuffer, AudioChunk
 from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
 from switchboard.live.frames import (
     CommandError,
     Ending,
+    Listen,
     SendDtmf,
     Terminal,
+    Unlisten,
     command_result,
     parse_command,
     ws_gap,
@@ -60,6 +65,19 @@ class CallEventSocket(StreamEndpoint):
             "switchboard_commands_refused_total",
             "WebSocket commands answered RATE_LIMITED, by the limit they hit.",
             "limit",
+        )
+        self.audio_bytes = services.metrics.counter(
+            "switchboard_audio_bytes_sent_total",
+            "Bytes of live call audio written to listening WebSockets.",
+            "kind",
+        )
+        self.audio_dropped = services.metrics.counter(
+            "switchboard_audio_chunks_dropped_total",
+            "20 ms audio chunks a listener lost because it was more than a second behind.",
+            "kind",
+        )
+        self.listens = services.metrics.counter(
+            "switchboard_listens_total", "listen commands answered ok.", "kind"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,6 +187,9 @@ class CallEventSocket(StreamEndpoint):
         commands: set[asyncio.Task[None]] = set()
         clock = asyncio.get_running_loop().time
         bucket = TokenBucket(COMMANDS_PER_SECOND, COMMAND_BURST, clock())
+        # Built from the principal and the path, never from what the client sends (SPEC 7).
+        audio_subject = call_audio_subject(principal.workspace_id, call_id)
+        listening = False
         try:
             while True:
                 # Replies owed to a client that does not read them are bounded: its next
@@ -200,6 +221,15 @@ class CallEventSocket(StreamEndpoint):
                             command.request_id, False, command.error_code, command.message
                         )
                     )
+                elif isinstance(command, Listen):
+                    listening = await self._listen(principal, audio_subject, command, outbox)
+                elif isinstance(command, Unlisten):
+                    # Forget the audio queued first: no binary frame follows the result.
+                    outbox.unlisten()
+                    outbox.push_priority(command_result(command.request_id, True))
+                    if listening:
+                        listening = False
+                        await self.services.hub.unwatch(audio_subject, View.AUDIO, outbox)
                 elif len(commands) >= MAX_COMMANDS_IN_FLIGHT:
                     self.refused["in_flight"] += 1
                     outbox.push_priority(
@@ -224,6 +254,39 @@ class CallEventSocket(StreamEndpoint):
             for task in (writer, *commands):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if listening:
+                await self.services.hub.unwatch(audio_subject, View.AUDIO, outbox)
+
+    async def _listen(
+        self, principal: Principal, audio_subject: str, command: Listen, outbox: Outbox
+    ) -> bool:
+        """Subscribes the socket to the call's audio (the replica's one subscription per call,
+        made by the first listener), answers, then lets chunks in: so the result comes before
+        the first binary frame. Returns whether the socket now listens."""
+        services = self.services
+        if outbox.audio is None:
+            try:
+                if not services.bus.connected:
+                    raise BusUnavailable("the bus is not connected")
+                await services.hub.watch(audio_subject, principal.workspace_id, View.AUDIO, outbox)
+            except Exception as failure:  # the bus is down or slow: the socket lives on
+                log.warning("could not listen to a call's audio: %s", failure)
+                outbox.push_priority(
+                    command_result(
+                        command.request_id,
+                        False,
+                        "UNAVAILABLE",
+                        "The call's audio is unavailable right now; try again.",
+                    )
+                )
+                return False
+        outbox.push_priority(command_result(command.request_id, True))
+        outbox.listen(AudioBuffer(on_drop=self._audio_dropped))
+        self.listens[self.kind] += 1
+        return True
+
+    def _audio_dropped(self) -> None:
+        self.audio_dropped[self.kind] += 1
 
     async def _write(
         self,
@@ -233,11 +296,17 @@ class CallEventSocket(StreamEndpoint):
         replayed: set[str],
     ) -> None:
         metrics = self.services.metrics
+        audio_bytes = self.audio_bytes
         while True:
-            item = await outbox.next()
+            # Audio only when no event, reply or terminal waits (`Outbox.next`).
+            item = await outbox.next(audio=True)
             if outbox.aborted:
                 return
             if item is None:
+                continue
+            if isinstance(item, AudioChunk):
+                await send({"type": "websocket.send", "bytes": item.pcm})
+                audio_bytes[self.kind] += len(item.pcm)
                 continue
             if isinstance(item, Terminal):
                 code, reason = item.websocket_close()
