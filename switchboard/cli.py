@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -338,6 +339,47 @@ def tail_command(
     try:
         _run(tail(urls, key, stream_id, from_start=from_start, event_types=types))
     except (StreamError, StreamClosed) as error:
+        raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command("listen")
+@click.argument("call_id")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="A WAV file to write (16 kHz, mono, 16-bit), or - for raw PCM on stdout.",
+)
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    default=["http://127.0.0.1:8080"],
+    show_default=True,
+    help="The server; repeat it to name replicas, tried in turn when one is down or draining.",
+)
+@click.option(
+    "--key", envvar="SWITCHBOARD_API_KEY", required=True, help="API key (or SWITCHBOARD_API_KEY)."
+)
+def listen_command(call_id: str, output: str, urls: tuple[str, ...], key: str) -> None:
+    """Listen to a live call (call_...) until it ends or Ctrl-C: write its audio to a WAV file,
+    or raw PCM to stdout (`-o - | play -t raw -r 16k -e signed -b 16 -c 1 -`)."""
+    from switchboard.client import StreamClosed, StreamError
+    from switchboard.client.record import STDOUT, record
+
+    if not call_id.startswith("call_"):
+        raise click.BadParameter("must be a call_... id", param_hint="CALL_ID")
+    if output == STDOUT and sys.stdout.isatty():
+        raise click.BadParameter("raw PCM would go to the terminal", param_hint="--output")
+    try:
+        _run(record(urls, key, call_id, output))
+    except (StreamError, StreamClosed) as error:
+        raise click.ClickException(str(error)) from None
+    except BrokenPipeError:  # the player went away: stop quietly, as `head` would have us
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as error:  # the file cannot be written
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass

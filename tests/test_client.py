@@ -20,6 +20,7 @@ from switchboard.events import call_transcript_subject
 from switchboard.producer import Producer
 from switchboard.simulate import SimulationPlan, Simulator
 from tests.harness import ServerThread, Workspace, eventually
+from tests.test_listen import chunk, index_of, listeners
 from tests.test_streams import new_call, turn
 
 WAIT = 10.0
@@ -259,3 +260,82 @@ async def test_tail_command_follows_a_call_to_its_end(
     assert tail.returncode == 0, err.decode()
     assert "agent: Goodbye now" in text and text.rstrip().endswith("-- call ended")
     assert workspace.key not in text + err.decode()
+
+
+# --- listening ---------------------------------------------------------------------------------
+
+
+async def test_the_client_listens_again_after_a_reconnect_and_stops_on_unlisten(
+    make_server: Callable[..., ServerThread],
+    workspace: Workspace,
+    client: httpx.AsyncClient,
+    bus: Client,
+) -> None:
+    draining, other = make_server(drain_seconds=0.2), make_server()
+    producer = Producer(bus)
+    call_id = await new_call(client, workspace)
+    heard: list[int] = []
+
+    async def play(indices: range) -> None:
+        for index in indices:
+            await producer.audio(workspace.id, call_id, chunk(index))
+        await eventually(lambda: heard[-1:] == [indices[-1]])
+
+    async with (
+        SwitchboardClient([draining.url, other.url], workspace.key) as sb,
+        sb.call_events(call_id) as call,
+    ):
+
+        async def listen() -> None:
+            async for pcm in call.listen():
+                assert len(pcm) == 640
+                heard.append(index_of(pcm))
+
+        listening = asyncio.create_task(listen())
+        try:
+            await eventually(lambda: listeners(draining, workspace.id, call_id) == 1)
+            await play(range(10))
+            # Its replica drains away: the socket goes on with the other, and listens there too.
+            await asyncio.to_thread(draining.stop)
+            await eventually(lambda: listeners(other, workspace.id, call_id) == 1)
+            await play(range(100, 110))
+            await call.unlisten()
+            await asyncio.wait_for(listening, WAIT)  # ends once the server has answered
+        finally:
+            listening.cancel()
+        await eventually(lambda: listeners(other, workspace.id, call_id) == 0)
+    assert heard == [*range(10), *range(100, 110)]
+    assert sb.connections == 2
+
+
+async def test_listen_yields_the_calls_audio_until_it_ends(
+    server: ServerThread,
+    workspace: Workspace,
+    other_workspace: Workspace,
+    client: httpx.AsyncClient,
+    bus: Client,
+) -> None:
+    producer = Producer(bus)
+    call_id = await new_call(client, workspace)
+    async with SwitchboardClient(server.url, other_workspace.key) as stranger:
+        with pytest.raises(StreamError) as refused:
+            await anext(stranger.listen(call_id))
+        assert refused.value.error_code == "NOT_FOUND"
+    async with SwitchboardClient(server.url, workspace.key) as sb:
+        chunks: list[bytes] = []
+
+        async def listen() -> None:
+            async for pcm in sb.listen(call_id):
+                chunks.append(pcm)
+
+        listening = asyncio.create_task(listen())
+        try:
+            await eventually(lambda: listeners(server, workspace.id, call_id) == 1)
+            for index in range(5):
+                await producer.audio(workspace.id, call_id, chunk(index))
+            await eventually(lambda: len(chunks) == 5)
+            await client.delete(f"/v1/calls/{call_id}", headers=workspace.headers)
+            await asyncio.wait_for(listening, WAIT)
+        finally:
+            listening.cancel()
+    assert chunks == [chunk(index) for index in range(5)]

@@ -1,7 +1,8 @@
 """A Python client for Switchboard's live streams: async iterators that skip heartbeats, end on
 `event: end`, 204 or close 1000, raise on terminal errors, reconnect with backoff and jitter
 where SPEC allows it (drain, dropped connections, silence past the heartbeat timeout), and a
-call socket that sends DTMF and awaits its result.
+call socket that sends DTMF and awaits its result, and listens to the call's live audio
+(`sb.listen(call_id)` or `call.listen()`: 20 ms chunks of 16 kHz mono 16-bit PCM).
 
 Every stream keeps the cursor of the last frame it received and resumes from it on every
 reconnect (SPEC 5.4), on the same server or the next of several base URLs, so a reconnect loses

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
@@ -151,6 +152,14 @@ class SwitchboardClient:
     ) -> CallSocket:
         return CallSocket(self, call_id, Position(cursor=last_event_id), on_reset)
 
+    async def listen(self, call_id: str) -> AsyncGenerator[bytes, None]:
+        """The call's live audio, chunk by chunk, until the call ends: each chunk is 20 ms of
+        16 kHz mono signed 16-bit little-endian PCM (640 bytes), caller and agent mixed. A
+        reconnect listens again by itself; audio while disconnected is not replayed."""
+        async with self.call_events(call_id) as call:
+            async for chunk in call.listen():
+                yield chunk
+
 
 class SseStream:
     """An async iterator over one SSE stream's frames that reconnects and resumes by itself:
@@ -251,7 +260,11 @@ class CallSocket:
     `await call.send_dtmf("12#")`. Reconnects on drain (1012), internal errors (1011) and dropped
     connections, each time with `?last_event_id=` of the last envelope yielded; a `stream.gap`
     reconnects at once from its `resume_from`, a `stream.reset` is counted in `position.resets`
-    and passed to `on_reset`. Ends on 1000; raises StreamError on 1008 and refused upgrades."""
+    and passed to `on_reset`. Ends on 1000; raises StreamError on 1008 and refused upgrades.
+
+    `async for chunk in call.listen()` instead yields the call's live audio (SPEC 5.3), PCM
+    chunk by chunk, until the call ends or `unlisten()`; the socket keeps its events' cursor
+    meanwhile. One iteration at a time: the events or the audio."""
 
     def __init__(
         self,
@@ -268,6 +281,10 @@ class CallSocket:
         self._socket: ClientConnection | None = None
         self._results: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
+        # The request_id of the listen sent on this connection (every connection sends its
+        # own while listening), and of an unlisten whose result ends the audio iterator.
+        self._listen_request: str | None = None
+        self._unlisten_request: str | None = None
 
     @property
     def cursor(self) -> str | None:
@@ -305,6 +322,8 @@ class CallSocket:
                 )
                 self.client.connections += 1
                 self.client.preferred = self._index
+                if self._listen_request is not None:
+                    await self._send_listen()  # a new connection listens again
                 return
             except InvalidStatus as refused:
                 status = refused.response.status_code
@@ -337,10 +356,58 @@ class CallSocket:
         finally:
             self._results.pop(request_id, None)
 
+    def listen(self) -> AsyncIterator[bytes]:
+        """Asks for the call's audio and yields it, 640 bytes (20 ms) a chunk, until the call
+        ends or `unlisten()` is answered. Raises StreamError if the server refuses to listen."""
+        return self._audio()
+
+    async def unlisten(self) -> None:
+        """Stops the audio; the iterator of `listen()` ends once the server has answered (no
+        chunk follows that answer), so call it while that iterator runs in another task."""
+        self._listen_request = None
+        if self._socket is not None:
+            request_id = f"unlisten-{next(self._ids)}"
+            self._unlisten_request = request_id
+            await self._command({"action": "unlisten", "request_id": request_id})
+
+    async def _send_listen(self) -> None:
+        request_id = f"listen-{next(self._ids)}"
+        self._listen_request = request_id
+        await self._command({"action": "listen", "request_id": request_id})
+
+    async def _command(self, command: dict[str, str]) -> None:
+        assert self._socket is not None
+        with contextlib.suppress(ConnectionClosed):  # the reader sees the close and reconnects
+            await self._socket.send(orjson.dumps(command).decode())
+
+    async def _audio(self) -> AsyncIterator[bytes]:
+        self._unlisten_request = None
+        await self._send_listen()
+        async for item in self._receive():
+            if isinstance(item, bytes):
+                if self._listen_request is not None:  # not those still on the way after unlisten
+                    yield item
+            elif item.get("event_type") == "command.result":
+                request_id = item.get("request_id")
+                if request_id == self._unlisten_request:
+                    return
+                if request_id == self._listen_request and item.get("ok") is not True:
+                    self._listen_request = None
+                    raise StreamError(
+                        str(item.get("error_code") or "UNAVAILABLE"), str(item.get("message"))
+                    )
+
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
+        async for item in self._receive():
+            if isinstance(item, dict) and item.get("event_type") != "command.result":
+                yield item
+
+    async def _receive(self) -> AsyncIterator[dict[str, Any] | bytes]:
+        """Envelopes (each once), audio chunks and command results, across reconnects, until
+        the call ends. Results of `send_dtmf` also settle its future here."""
         delivered = False  # since the last connect: a gap with no progress counts as a failure
         while True:
             socket = self._socket
@@ -368,7 +435,8 @@ class CallSocket:
                 delivered = False
                 continue
             if isinstance(text, bytes):
-                continue  # audio, which this client does not ask for
+                yield text  # audio: only a listening socket gets it
+                continue
             message = orjson.loads(text)
             if not isinstance(message, dict):
                 continue
@@ -376,6 +444,7 @@ class CallSocket:
                 future = self._results.get(str(message.get("request_id")))
                 if future is not None and not future.done():
                     future.set_result(message)
+                yield message
                 continue
             step = socket_step(self.position, message)
             if isinstance(step, Frame):
