@@ -21,6 +21,7 @@ import httpx
 import orjson
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
@@ -160,6 +161,9 @@ async def test_a_listener_gets_the_published_pcm_as_640_byte_frames_at_50_a_seco
         )
         received = [frame async for frame in binary_frames(peer, count)]
         await publishing
+    # Live only: no stream of the bus keeps a call's audio.
+    with pytest.raises(NotFoundError):
+        await producer.js.find_stream_name_by_subject(call_audio_subject(workspace.id, call_id))
     assert all(len(pcm) == CHUNK_BYTES for _, pcm in received)
     assert [index_of(pcm) for _, pcm in received] == list(range(count))  # none lost, in order
     heard = samples(b"".join(pcm for _, pcm in received))
