@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -560,3 +561,42 @@ async def test_switchboard_listen_writes_a_wav_file_and_raw_pcm_of_what_it_heard
         assert samples(wav.readframes(wav.getnframes())) == samples(published)
     assert raw == published
     assert b"call ended" in file_err and workspace.key.encode() not in file_err + raw_err
+
+
+async def test_switchboard_listen_stops_on_ctrl_c_and_leaves_a_playable_wav(
+    server: ServerThread,
+    client: httpx.AsyncClient,
+    workspace: Workspace,
+    producer: Producer,
+    tmp_path: Path,
+) -> None:
+    call_id = await new_call(client, workspace)
+    wav_path = tmp_path / "call.wav"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "switchboard",
+        "listen",
+        call_id,
+        "-o",
+        str(wav_path),
+        "--url",
+        server.url,
+        env={**os.environ, "SWITCHBOARD_API_KEY": workspace.key},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await eventually(lambda: listeners(server, workspace.id, call_id) == 1, within=30)
+        await publish_paced(producer, workspace.id, call_id, range(30))
+        await eventually(lambda: wav_path.stat().st_size >= 44 + 30 * CHUNK_BYTES)
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), WAIT)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 0, err.decode()
+    assert b"stopped: 0.60 s" in err
+    with wave.open(str(wav_path), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 16_000)
+        assert wav.readframes(wav.getnframes()) == b"".join(chunk(n) for n in range(30))

@@ -46,6 +46,7 @@ async def record(
     wav = None if output == STDOUT else open_wav(output)
     raw = stdout if stdout is not None else sys.stdout.buffer
     where = "stdout" if wav is None else output
+    ending = "stopped"
     try:
         async with SwitchboardClient(urls, key) as client:
             err.write(f"-- listening to {call_id}, writing {where} (Ctrl-C stops)\n")
@@ -58,8 +59,11 @@ async def record(
                     # Also rewrites the header's lengths: the file plays if we are killed.
                     wav.writeframes(chunk)
                 written += len(chunk)
-            err.write(f"-- call ended: {seconds_of(written):.2f} s of audio to {where}\n")
+            ending = "call ended"
     finally:
         if wav is not None:
             wav.close()
+        if written or ending == "call ended":
+            err.write(f"-- {ending}: {seconds_of(written):.2f} s of audio to {where}\n")
+            err.flush()
     return written
