@@ -1,12 +1,14 @@
 """The dashboard in real headless Chromium (Debian's, driven by Playwright), with the
 simulator playing a call: a partial then its final appear, a DTMF press shows ok, a handoff
-click shows the mode change. Screenshots go to test-artifacts/."""
+click shows the mode change, Listen plays the call's audio. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
+from array import array
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -14,10 +16,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from nats.aio.client import Client
-from playwright.async_api import Page, Request
+from playwright.async_api import Page, Request, WebSocket
 
 from switchboard.producer import Producer
 from switchboard.simulate import SimulationPlan, Simulator
+from switchboard.simulate.runner import CallAudio
 from tests.harness import ServerThread, Workspace, eventually
 from tests.test_streams import new_call
 
@@ -285,3 +288,68 @@ async def test_a_conversation_view_that_lost_its_connection_resumes_from_the_las
         await tab.locator("#messages li", has_text="said during the cut").wait_for(timeout=15000)
         assert len(streams) == 2
         assert (await streams[1].all_headers())["last-event-id"].startswith("e")
+
+
+async def test_listen_plays_the_calls_audio_through_web_audio(
+    page: Page, server: ServerThread, workspace: Workspace, bus: Client, client: httpx.AsyncClient
+) -> None:
+    """A producer plays a 440 Hz tone into a live call; Listen (pressed from the keyboard) asks
+    the socket for it and the page schedules it on its AudioContext, whose analyser hears it."""
+    tab = page
+    producer = Producer(bus)
+    call_id = await new_call(client, workspace)
+    tone = array("h", (round(8000 * math.sin(2 * math.pi * 440 * n / 16000)) for n in range(16000)))
+    sent: list[str] = []
+
+    def on_socket(socket: WebSocket) -> None:
+        socket.on("framesent", lambda payload: sent.append(str(payload)))
+
+    tab.on("websocket", on_socket)
+
+    async def publish(chunk: bytes) -> None:
+        await producer.audio(workspace.id, call_id, chunk)
+
+    audio = CallAudio(call_id, publish)  # 20 ms chunks in real time, silence when no tone
+    audio.start()
+    try:
+        await tab.goto(f"{server.url}/#/calls/{call_id}")
+        await tab.wait_for_selector("#socket-state[data-state=live]", timeout=10000)
+        listen = tab.locator("#listen")
+        await listen.and_(tab.locator(":enabled")).wait_for(timeout=10000)
+        assert await tab.locator("#level").get_attribute("data-chunks") == "0"
+        audio.mixer.add("tone", tone * 120)  # two minutes of it: longer than the test
+        await listen.focus()
+        await tab.keyboard.press("Enter")
+        await tab.wait_for_selector("#listen[aria-pressed=true]")
+        await tab.wait_for_selector("#listen-state[data-state=live]", timeout=10000)
+        assert any('"action": "listen"' in frame or '"action":"listen"' in frame for frame in sent)
+
+        async def heard(chunks: int) -> bool:
+            level = tab.locator("#level")
+            played = int(await level.get_attribute("data-chunks") or 0)
+            rms = float(await level.get_attribute("data-rms") or 0)
+            # 8000 / 32768 peak: an RMS of 0.17 when the tone is playing.
+            return played >= chunks and abs(rms - 8000 / 32768 / math.sqrt(2)) < 0.03
+
+        await eventually(lambda: heard(25), within=10.0)
+        await tab.screenshot(path=str(ARTIFACTS / "call-listen.png"))
+        # Muted: nothing reaches the speakers, but the meter still shows the call talking.
+        await tab.click("#mute")
+        await tab.wait_for_selector("#mute[aria-pressed=true]")
+        played = int(await tab.locator("#level").get_attribute("data-chunks") or 0)
+        await eventually(lambda: heard(played + 25), within=10.0)
+        # Pressed again: unlisten, and the level falls.
+        await listen.click()
+        await tab.wait_for_selector("#listen[aria-pressed=false]")
+        await tab.wait_for_selector("#listen-state[data-state=off]")
+        assert any("unlisten" in frame for frame in sent)
+        assert await tab.locator("#level").get_attribute("data-rms") == "0"
+        # Listening when the call ends: it stops, and Listen cannot be pressed any more.
+        await listen.click()
+        await tab.wait_for_selector("#listen-state[data-state=live]", timeout=10000)
+        await client.delete(f"/v1/calls/{call_id}", headers=workspace.headers)
+        await tab.wait_for_selector("#listen-state[data-state=ended]", timeout=10000)
+        await tab.wait_for_selector("#listen[disabled]")
+        await tab.wait_for_selector("#listen[aria-pressed=false]")
+    finally:
+        await audio.stop()
