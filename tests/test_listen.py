@@ -433,16 +433,21 @@ async def test_a_listener_that_stops_reading_loses_old_audio_but_not_its_events(
         highest: list[int] = []
 
         def behind() -> bool:
-            _, audio, _ = queued(server, box)
+            # A write waits on the listener (seen from another task, `send` is suspended), and
+            # it has lost audio since.
+            _, audio, waiting = queued(server, box)
             highest.append(audio or 0)
-            return bool(server.call(lambda: box.audio is not None and box.audio.dropped > 100))
+            dropped = server.call(lambda: 0 if box.audio is None else box.audio.dropped)
+            return waiting and dropped > 100
 
         end = await publish_until(producer, workspace.id, call_id, behind)
         assert max(highest) <= BUFFER_CHUNKS
         event_id = await sentinel(producer, workspace.id, call_id)
         await eventually(lambda: queued(server, box)[0] == 1)
-        # The newest second of audio waits, no more, and the event waits for no room.
-        assert queued(server, box) == (1, BUFFER_CHUNKS, True)
+        # At most the newest second of audio waits (the kernel may still take a little now and
+        # then), and the event waits for no room.
+        frames, audio, waiting = queued(server, box)
+        assert frames == 1 and audio is not None and 0 < audio <= BUFFER_CHUNKS and waiting
         # It reads again: the event comes at once, before the second of audio still queued.
         clock = asyncio.get_running_loop().time
         resumed = clock()
@@ -463,7 +468,8 @@ async def test_a_listener_that_stops_reading_loses_old_audio_but_not_its_events(
         listener.close()
     heard = before + after
     assert heard == sorted(heard) and len(set(heard)) == len(heard)  # in order, once each
-    assert after == list(range(end - BUFFER_CHUNKS, end))  # behind the event: the newest second
+    # Behind the event: the newest audio, at most a second of it.
+    assert 0 < len(after) <= BUFFER_CHUNKS and after == list(range(end - len(after), end))
     assert len(heard) < end  # old audio was lost, and every chunk lost was counted
     assert await metric(server, AUDIO_DROPPED) == dropped_before + end - len(heard)
 
