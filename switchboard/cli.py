@@ -270,6 +270,7 @@ def simulate(
     POST /v1/calls, DTMF, hang-ups) for the workspace."""
     import nats
 
+    from switchboard.bus.connection import nats_credentials, nats_servers
     from switchboard.server import first_workspace
     from switchboard.simulate import SimulationPlan, Simulator
 
@@ -277,7 +278,10 @@ def simulate(
         target = workspace_id or await first_workspace(database_url)
         if target is None:
             raise click.ClickException("no workspace yet: run `switchboard serve` once first")
-        client = await nats.connect(nats_url, name="switchboard-simulate")
+        servers = nats_servers(nats_url)
+        client = await nats.connect(
+            servers=servers, name="switchboard-simulate", **nats_credentials(servers)
+        )
         simulator = Simulator(
             client, SimulationPlan(target, calls, conversations, seed, pace, forever)
         )

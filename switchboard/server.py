@@ -309,7 +309,8 @@ def banner(url: str, api_key: str | None, backends: Backends | None = None) -> s
                 f"start)\n              token in {embedded[0].token_path}\n"
             )
         else:
-            nats_line = f"  NATS:       {without_credentials(backends.nats_url)}\n"
+            public = ",".join(without_credentials(u.strip()) for u in backends.nats_url.split(","))
+            nats_line = f"  NATS:       {public}\n"
     example = api_key or "<key>"
     return (
         f"\nSwitchboard {__version__} is ready\n"

@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import orjson
 from nats.aio.client import Client
@@ -123,6 +124,23 @@ class Bus:
             await self.client.close()
 
 
+def nats_servers(url: str) -> list[str]:
+    """SWITCHBOARD_NATS_URL: one URL, or a cluster's nodes, comma-separated."""
+    return [server.strip() for server in url.split(",") if server.strip()]
+
+
+def nats_credentials(servers: list[str]) -> dict[str, Any]:
+    """The credentials in the URLs as connect options too: nats-py adds the nodes a cluster
+    announces to its pool without them, and those would refuse it."""
+    found = {(parts.username, parts.password) for parts in map(urlsplit, servers)}
+    user, password = found.pop() if len(found) == 1 else (None, None)
+    if user is None:
+        return {}
+    if password is None:
+        return {"token": unquote(user)}
+    return {"user": unquote(user), "password": unquote(password)}
+
+
 async def connect_bus(
     url: str,
     *,
@@ -147,10 +165,12 @@ async def connect_bus(
     async def on_reconnect() -> None:
         outage.recovered()
 
+    servers = nats_servers(url)
     client = Client()
     await client.connect(
         # One URL, or a cluster's, comma-separated: the client fails over between them.
-        servers=[server.strip() for server in url.split(",") if server.strip()],
+        servers=servers,
+        **nats_credentials(servers),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
