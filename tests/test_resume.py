@@ -413,3 +413,28 @@ async def test_the_workspace_stream_carries_its_events_filtered_and_resumes(
             orjson.loads(e.data or "")["payload"]["text"] for e in await take(frames(response), 3)
         ]
         assert missed == ["w2", "w3", "w4"]
+
+
+async def test_a_final_turn_sent_again_is_stored_once(
+    producer: Producer, bus: Client, workspace: Workspace, nats_url: str
+) -> None:
+    """A producer that retries a final turn (it got an error, e.g. while a clustered stream
+    elected a leader) must not store it, or its call.transcription, twice."""
+    from switchboard.events import call_events_subject, call_transcript_subject
+    from switchboard.ids import new_id
+    from tests.test_faults import stored_events
+
+    call_id = new_id("call")
+    turn_id = producer.new_turn_id()
+    for _ in range(3):
+        await producer.turn(
+            workspace.id, call_id, role="agent", text="once", is_final=True, turn_id=turn_id
+        )
+    envelopes = await stored_events(nats_url, call_events_subject(workspace.id, call_id))
+    assert [e["payload"]["turn_id"] for e in envelopes] == [turn_id]
+    js = bus.jetstream()
+    last = await js.get_last_msg("VB_TRANSCRIPTS", call_transcript_subject(workspace.id, call_id))
+    first = await js.get_msg(
+        "VB_TRANSCRIPTS", seq=1, subject=call_transcript_subject(workspace.id, call_id), next=True
+    )
+    assert last.seq == first.seq, "the final was stored more than once"
