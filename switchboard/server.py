@@ -135,6 +135,7 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
 
     await bus.on_key_revoked(forget)
     hub = Hub(bus.client, metrics)
+    bus.reconnect_listeners.append(hub.catch_up)
     services = Services(settings, database, bus, authenticator, metrics, hub, registry)
     services.background.append(asyncio.create_task(registry.run_ticker()))
     # Every process that serves the API relays its outbox: the REST writes' events reach the

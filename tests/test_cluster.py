@@ -57,23 +57,6 @@ RECONNECT_PAUSE = 0.3  # a client's pause before it reconnects (EventSource wait
 CALL_BUDGET = 60.0  # the whole call, kills and resumes included
 
 
-# Why these tests cannot pass on main yet (see the report of issue 10, item 8); unskip as each
-# is fixed. Each was seen to pass with the fix applied to a copy of the package.
-SERVE_CRASHES = (
-    "serve exits at start with a comma-separated SWITCHBOARD_NATS_URL: server.banner passes "
-    "the whole list to embedded.without_credentials, which raises ValueError on the port"
-)
-PRODUCER_LOSES_FINALS = (
-    "Producer.turn publishes a final turn with core NATS, so one published while "
-    "VB_TRANSCRIPTS elects a leader is never stored; and a retried call stores another "
-    "call.transcription (a new event_id each call)"
-)
-HUB_LOSES_FRAMES = (
-    "the live hub silently loses the frames JetStream republishes while its replica's NATS "
-    "connection is down: no gap notice, no catch-up after the reconnect"
-)
-
-
 # --- fixtures -----------------------------------------------------------------------------------
 
 
@@ -625,7 +608,6 @@ async def play_with_a_kill(
     return killed_at
 
 
-@pytest.mark.skip(reason=SERVE_CRASHES)
 async def test_a_client_resumes_on_another_replica_after_kill_9_and_misses_nothing(
     deployment: Deployment,
 ) -> None:
@@ -664,14 +646,10 @@ async def test_a_client_resumes_on_another_replica_after_kill_9_and_misses_nothi
         pytest.param(
             True,
             id="the-node-also-leads-the-streams",
-            marks=pytest.mark.skip(reason=f"{SERVE_CRASHES}; {PRODUCER_LOSES_FINALS}"),
         ),
         pytest.param(
             False,
             id="the-streams-store-on-while-the-replica-reconnects",
-            marks=pytest.mark.skip(
-                reason=f"{SERVE_CRASHES}; {PRODUCER_LOSES_FINALS}; {HUB_LOSES_FRAMES}"
-            ),
         ),
     ],
 )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -55,6 +56,15 @@ class Bus:
         self.js = client.jetstream()
         self.history_seconds = history_seconds
         self.replicas = replicas
+        # Run after every reconnect: core NATS does not redeliver what a subscriber missed.
+        self.reconnect_listeners: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._reconnect_tasks: set[asyncio.Task[None]] = set()
+
+    def reconnected(self) -> None:
+        for listener in self.reconnect_listeners:
+            task = asyncio.create_task(listener())
+            self._reconnect_tasks.add(task)
+            task.add_done_callback(self._reconnect_tasks.discard)
 
     @property
     def connected(self) -> bool:
@@ -164,6 +174,7 @@ async def connect_bus(
 
     async def on_reconnect() -> None:
         outage.recovered()
+        bus.reconnected()
 
     servers = nats_servers(url)
     client = Client()

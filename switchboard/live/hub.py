@@ -20,12 +20,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from switchboard.bus.stored import stored_after
 from switchboard.events import LIVE_PREFIX, live_subject, subject_mismatch
 from switchboard.live.audio import CHUNK_BYTES, AudioChunk
 from switchboard.live.cursor import PREFIXES, cursor_text
 from switchboard.live.frames import Ending, Terminal, sse_data
 from switchboard.live.metrics import Metrics
 from switchboard.live.outbox import Item, Outbox
+from switchboard.outage import BusUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,12 @@ class Topic:
     subscription: Subscription | None = None
     watchers: dict[View, set[Outbox]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The stored sequence of the last message delivered, and the stream it is in: what a
+    # catch-up after a lost message or a reconnect reads on from. Delivery holds `delivering`,
+    # so a catch-up and the live messages behind it stay in order.
+    last_seq: int = 0
+    stream: str | None = None
+    delivering: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def envelopes(self) -> bool:
@@ -108,6 +116,11 @@ class Hub:
             "reason",
         )
         self._last_reject_log = -REJECT_LOG_EVERY
+        self.caught_up = metrics.counter(
+            "switchboard_live_caught_up_total",
+            "Stored messages the hub read back because its subscription missed them.",
+            "stream",
+        )
 
     def subscription_count(self) -> int:
         return sum(1 for topic in self.topics.values() if topic.subscription is not None)
@@ -169,38 +182,83 @@ class Hub:
             headers = msg.headers or {}
             try:
                 stream, seq = headers["Nats-Stream"], int(headers["Nats-Sequence"])
+                previous = int(headers.get("Nats-Last-Sequence", "0"))
             except (KeyError, ValueError):
                 self._reject("not republished by a stream (no sequence)", "not_stored")
                 return
             if stream not in PREFIXES:
                 self._reject(f"republished by an unknown stream {stream!r}", "not_stored")
                 return
-            # The subject is the authority (SPEC 7): an envelope naming another workspace, call
-            # or conversation never reaches a client. Turns carry no workspace to compare.
-            subject = msg.subject.removeprefix(LIVE_PREFIX)
-            if topic.envelopes:
-                mismatch = subject_mismatch(subject, message)
-            elif "workspace_id" in message and message["workspace_id"] != topic.workspace_id:
-                mismatch = "workspace_id differs from the subject's"
-            else:
-                mismatch = None
-            if mismatch is not None:
-                self._reject(mismatch, "subject_mismatch")
-                return
-            event_type = message.get("event_type")
-            # No await below: the watcher sets cannot change while we walk them, so no copies.
-            for view, outboxes in topic.watchers.items():
-                if not outboxes:
-                    continue
-                cursor = cursor_of(view, message, stream, seq)
-                for item in encode(view, message, cursor):
-                    for outbox in outboxes:
-                        if isinstance(item, Terminal):
-                            outbox.end(item)
-                        elif outbox.wants is None or outbox.wants(str(event_type)):
-                            outbox.offer(item, seq, cursor)
+            async with topic.delivering:
+                # Core NATS is at most once: a message this subscription never got (a reconnect,
+                # a slow consumer) shows as a jump in the subject's previous sequence. Stored
+                # messages are read back, so a connected client misses nothing durable.
+                single = "*" not in topic.subject
+                if single and topic.stream == stream and topic.last_seq < previous < seq:
+                    await self._catch_up(topic, until=seq - 1)
+                subject = msg.subject.removeprefix(LIVE_PREFIX)
+                self._deliver(topic, subject, stream, seq, message)
 
         return receive
+
+    def _deliver(
+        self, topic: Topic, subject: str, stream: str, seq: int, message: dict[str, Any]
+    ) -> None:
+        """Offers one stored message to every watcher, once: a sequence already delivered (a
+        catch-up overlapping the live feed) is skipped."""
+        if topic.stream == stream and seq <= topic.last_seq:
+            return
+        topic.stream, topic.last_seq = stream, seq
+        # The subject is the authority (SPEC 7): an envelope naming another workspace, call
+        # or conversation never reaches a client. Turns carry no workspace to compare.
+        if topic.envelopes:
+            mismatch = subject_mismatch(subject, message)
+        elif "workspace_id" in message and message["workspace_id"] != topic.workspace_id:
+            mismatch = "workspace_id differs from the subject's"
+        else:
+            mismatch = None
+        if mismatch is not None:
+            self._reject(mismatch, "subject_mismatch")
+            return
+        event_type = message.get("event_type")
+        # No await below: the watcher sets cannot change while we walk them, so no copies.
+        for view, outboxes in topic.watchers.items():
+            if not outboxes:
+                continue
+            cursor = cursor_of(view, message, stream, seq)
+            for item in encode(view, message, cursor):
+                for outbox in outboxes:
+                    if isinstance(item, Terminal):
+                        outbox.end(item)
+                    elif outbox.wants is None or outbox.wants(str(event_type)):
+                        outbox.offer(item, seq, cursor)
+
+    async def _catch_up(self, topic: Topic, until: int | None = None) -> None:
+        """Delivers what the topic's stream stored after the last message delivered (up to
+        `until`); the caller holds `topic.delivering`."""
+        if topic.stream is None:
+            return  # nothing delivered yet: no position to read on from
+        try:
+            async for stored in stored_after(
+                self.client, topic.stream, topic.subject, topic.last_seq, until=until
+            ):
+                try:
+                    message = orjson.loads(stored.data)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(message, dict):
+                    self.caught_up[topic.stream] += 1
+                    self._deliver(topic, stored.subject, topic.stream, stored.seq, message)
+        except BusUnavailable as failure:
+            log.warning("live streams could not catch up: %s", failure)
+
+    async def catch_up(self) -> None:
+        """After the bus connection came back: every topic reads what was stored while it
+        was away, so its clients get it live (a missed `call.completed` still ends a call)."""
+        for topic in list(self.topics.values()):
+            if topic.stored and topic.subscription is not None:
+                async with topic.delivering:
+                    await self._catch_up(topic)
 
     def _audio_receiver(self, topic: Topic) -> Callable[[Msg], Any]:
         """A call's audio: only whole 20 ms chunks pass (SPEC 5.3), wrapped once and offered to
