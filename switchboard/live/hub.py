@@ -143,6 +143,11 @@ class Hub:
                         else:
                             target, receive = subject, self._audio_receiver(topic)
                         topic.subscription = await self.client.subscribe(target, cb=receive)
+                        # nats-py writes a flush's PING straight to the socket, ahead of the
+                        # commands its flusher task has yet to send: let that task send the SUB
+                        # first, or the PONG does not prove the server has it (it lost about
+                        # one subscription's first message in a thousand).
+                        await asyncio.sleep(0)
                         await self.client.flush(timeout=5)
                     except BaseException:
                         topic.watchers[view].discard(outbox)
