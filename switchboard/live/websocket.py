@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 5.0  # seconds the media plane has to answer a command
 MAX_COMMANDS_IN_FLIGHT = 8
+ENDED_GRACE = 5.0  # seconds a socket to an ended call waits for its call.completed to be relayed
 
 
 class CallEventSocket(StreamEndpoint):
@@ -112,9 +113,15 @@ class CallEventSocket(StreamEndpoint):
             send = timed_send(send, outbox)
             try:
                 replayed, completed = await self._replay(principal, call_id, outbox, send, cursor)
-                if completed or status not in (None, "in_progress"):
+                if completed:
                     await send({"type": "websocket.close", "code": 1000, "reason": "call ended"})
                     return
+                if status not in (None, "in_progress"):
+                    # The row says ended, the bus does not have `call.completed` yet: an API
+                    # hang-up whose event the outbox relay is about to publish. It arrives live
+                    # (the socket is subscribed); close after it, or after a bound if it does not.
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(ENDED_GRACE, outbox.end, Terminal(Ending.CALL_COMPLETED))
                 await self._session(principal, call_id, outbox, receive, send, replayed)
             except OSError:  # the client went away mid-replay (uvicorn's ClientDisconnected)
                 return

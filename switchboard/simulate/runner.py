@@ -199,6 +199,9 @@ class Simulator:
         self._subscriptions.append(
             await self.client.subscribe(f"vb.{ws}.call.*.events", cb=self._on_call_event)
         )
+        # nats-py writes a flush's PING ahead of commands its writer has yet to send: let it
+        # send the SUBs first, so the PONG proves the server has them (see live/hub.py).
+        await asyncio.sleep(0)
         await self.client.flush()
         self._plan_task = asyncio.create_task(self._run_plan())
 
