@@ -149,7 +149,9 @@ STREAM_PATHS: dict[str, Any] = {
         "Upgrade to a WebSocket: one JSON envelope per text frame; send "
         '`{"action": "send_dtmf", "digits": "12#", "request_id": "r1"}` and receive a '
         "`command.result`. Close codes 1000, 1003, 1008, 1009, 1011, 1012. Without a cursor "
-        "the call's events so far are replayed first.",
+        "the call's events so far are replayed first. `listen` / `unlisten` turn the call's "
+        "live audio on and off: binary frames of 640 bytes, 20 ms of 16 kHz mono signed "
+        "16-bit little-endian PCM each.",
         True,
         "call_id",
         [_query("last_event_id", "The event_id of the last envelope received: resume after it.")],
