@@ -96,6 +96,8 @@ async def stored_after(
             if until is not None and stored.seq > until:
                 return
             yield stored
-        if len(page) < PAGE:
+        # The server may answer with fewer than a page (a size cap): what says there is no more
+        # is the count of matching messages after the last one it sent.
+        if not page or (page[-1].headers or {}).get("Nats-Num-Pending", "0") == "0":
             return
         seq = _stored(page[-1]).seq + 1

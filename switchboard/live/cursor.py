@@ -32,7 +32,7 @@ def cursor_text(stream: str, seq: int) -> str:
 def parse_cursor(text: str, stream: str) -> Cursor | None:
     """The cursor `text` names in `stream`, or None when it is not one of that stream's (the
     caller answers `reset` with `cursor_unknown`, never an error: SPEC 5.4)."""
-    match = _SHAPE.fullmatch(text.strip())
+    match = _SHAPE.fullmatch(text)
     if match is None or match.group(1) != PREFIXES[stream]:
         return None
     seq = int(match.group(2))

@@ -204,6 +204,12 @@ class Outbox:
             self._skip_replayed()
             if self._frames:
                 return self._frames.popleft()[1]
+            if self.owed_gap and self.gap is not None:
+                # Caught up after drops with nothing newer to precede: say so now, not only
+                # before a next frame that may never come (the call may have gone quiet).
+                notice = self.gap(self.owed_gap, self.last_cursor)
+                self.owed_gap = 0
+                return notice
             if self._terminal is not None:
                 return self._terminal
             if audio and self.audio is not None:
