@@ -1,4 +1,5 @@
-"""Keeps the fan-out benchmark runnable: a tiny run must deliver every frame it promises."""
+"""Keeps the benchmarks runnable: a tiny fan-out run must deliver every frame it promises, and a
+tiny resume storm must lose and duplicate nothing across the replica's restart."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 
 import pytest
 
+from bench import resume_storm
 from bench.fanout import run
 
 pytestmark = pytest.mark.slow
@@ -19,4 +21,39 @@ def test_fanout_benchmark_runs_and_accounts_for_every_frame() -> None:
     assert result["frames_delivered"] + result["frames_dropped_server"] == result["frames_expected"]
     assert result["frames_expected"] >= 100
     assert result["latency_ms_p50"] > 0
+    assert "cores" in result["machine"]
+
+
+def test_resume_storm_benchmark_loses_and_duplicates_nothing() -> None:
+    result = resume_storm.run(
+        argparse.Namespace(
+            streams=40,
+            calls=2,
+            rate=10.0,
+            missed=50,
+            warmup=1.0,
+            after=2.0,
+            reconnect="storm",
+            drain_seconds=1.0,
+            timeout=60.0,
+            workers=1,
+            server_log=None,
+        )
+    )
+    assert result["streams"] == 40
+    assert result["streams_not_caught_up"] == 0
+    assert result["streams_incomplete_at_end"] == 0
+    assert result["lost"] == 0
+    assert result["lost_holes"] == 0
+    assert result["duplicated"] == 0
+    assert result["out_of_order"] == 0
+    assert result["unexpected_frames"] == 0
+    assert result["cursor_regressions"] == 0
+    assert result["frames_received"] == result["frames_expected"]
+    # Every client came back with its cursor, each about 50 finals behind, and the server
+    # replayed what they missed.
+    assert result["client_resumes_with_cursor"] == 40
+    assert result["server_resumes"] == 40
+    assert result["missed_per_stream_min_p50_max"][0] >= 40
+    assert result["server_frames_replayed"] >= 40 * 40
     assert "cores" in result["machine"]
