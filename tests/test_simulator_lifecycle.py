@@ -42,7 +42,7 @@ async def recorder(
 
 async def events_of(bus: Client, workspace_id: str, call_id: str) -> list[dict[str, Any]]:
     """The call's events as JetStream stored them."""
-    return [e async for e in call_history(bus.jetstream(), workspace_id, call_id)]
+    return [e async for e in call_history(bus, workspace_id, call_id)]
 
 
 async def ended_by_the_system(bus: Client, workspace_id: str, call_id: str) -> bool:

@@ -83,6 +83,12 @@ async def message_at(client: Client, stream: str, seq: int) -> Stored | None:
     return _stored(answers[0]) if answers else None
 
 
+async def last_message(client: Client, stream: str, subject: str) -> Stored | None:
+    """The last message stored on `subject`, or None when there is none."""
+    answers = await _ask(client, stream, {"last_by_subj": subject})
+    return _stored(answers[0]) if answers else None
+
+
 async def stored_after(
     client: Client, stream: str, subject: str, after: int, *, until: int | None = None
 ) -> AsyncIterator[Stored]:

@@ -148,7 +148,7 @@ class TranscriptStream(StreamEndpoint):
                 # The recorder may lag the bus: a call whose `call.initiated` is stored exists,
                 # and one whose `call.completed` is stored has ended, whatever the row says yet
                 # (EventSource reconnects right after `event: end`, before the row catches up).
-                stored = await stored_call(services.bus.js, ws, call_id)
+                stored = await stored_call(services.bus.client, ws, call_id)
                 if status is None and not stored.initiated:
                     await send_error(scope, send, not_found("call", call_id))
                     return

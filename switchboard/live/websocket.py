@@ -98,7 +98,10 @@ class CallEventSocket(StreamEndpoint):
         ):
             status = await services.database.call_status(ws, call_id)
             # A call the recorder has not written yet exists if the bus holds its start.
-            if status is None and not (await stored_call(services.bus.js, ws, call_id)).initiated:
+            if (
+                status is None
+                and not (await stored_call(services.bus.client, ws, call_id)).initiated
+            ):
                 await send_error(scope, send, not_found("call", call_id))
                 return
             await send({"type": "websocket.accept"})

@@ -239,10 +239,9 @@ class Simulator:
         predecessor was killed before it could end them. The bus says which of them began and
         which have already ended (the record may be a step behind it)."""
         assert self._ledger is not None
-        js = self.client.jetstream()
         for call_id, started in (await self._ledger.calls()).items():
             try:
-                stored = await stored_call(js, self.plan.workspace_id, call_id)
+                stored = await stored_call(self.client, self.plan.workspace_id, call_id)
                 if stored.initiated and not stored.completed:
                     await self._end_failed(call_id, started)
                 await self._ledger.remove(call_id)
