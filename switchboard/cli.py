@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -302,19 +302,28 @@ def simulate(
         _run(go(database_url, nats_url))
 
 
+def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--url` (repeatable: replicas, tried in turn) and `--key`, for the commands that read
+    streams as a client does."""
+    command = click.option(
+        "--key",
+        envvar="SWITCHBOARD_API_KEY",
+        required=True,
+        help="API key (or SWITCHBOARD_API_KEY).",
+    )(command)
+    return click.option(
+        "--url",
+        "urls",
+        multiple=True,
+        default=["http://127.0.0.1:8080"],
+        show_default=True,
+        help="The server; repeat it to name replicas, tried in turn when one is down or draining.",
+    )(command)
+
+
 @main.command("tail")
 @click.argument("stream_id")
-@click.option(
-    "--url",
-    "urls",
-    multiple=True,
-    default=["http://127.0.0.1:8080"],
-    show_default=True,
-    help="The server; repeat it to name replicas, tried in turn when one is down or draining.",
-)
-@click.option(
-    "--key", envvar="SWITCHBOARD_API_KEY", required=True, help="API key (or SWITCHBOARD_API_KEY)."
-)
+@client_options
 @click.option(
     "--from-start", is_flag=True, help="A call: print every final turn so far first, then follow."
 )
@@ -356,17 +365,7 @@ def tail_command(
     required=True,
     help="A WAV file to write (16 kHz, mono, 16-bit), or - for raw PCM on stdout.",
 )
-@click.option(
-    "--url",
-    "urls",
-    multiple=True,
-    default=["http://127.0.0.1:8080"],
-    show_default=True,
-    help="The server; repeat it to name replicas, tried in turn when one is down or draining.",
-)
-@click.option(
-    "--key", envvar="SWITCHBOARD_API_KEY", required=True, help="API key (or SWITCHBOARD_API_KEY)."
-)
+@client_options
 def listen_command(call_id: str, output: str, urls: tuple[str, ...], key: str) -> None:
     """Listen to a live call (call_...) until it ends or Ctrl-C: write its audio to a WAV file,
     or raw PCM to stdout (`-o - | play -t raw -r 16k -e signed -b 16 -c 1 -`)."""
