@@ -46,6 +46,10 @@ class Settings:
     # How many NATS servers keep each JetStream stream (1 for one server; 3 on a cluster, so a
     # lost node loses nothing and the streams stay writable).
     stream_replicas: int = 1
+    # Per-workspace quotas across every replica and worker (SPEC 6, "Limits"): open streams,
+    # and requests in each wall-clock minute; over either, 429 RATE_LIMITED.
+    workspace_max_streams: int = 1000
+    workspace_rate_per_minute: int = 20000
     # The application role's password; unset, a random one kept in the database is used.
     app_role_password: str | None = field(default=None, repr=False)
 

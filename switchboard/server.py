@@ -28,6 +28,7 @@ from switchboard.bus.event_outbox import OutboxRelay
 from switchboard.config import Settings
 from switchboard.db import connect_database
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
+from switchboard.limits.shared import SharedLimits
 from switchboard.live.hub import Hub
 from switchboard.live.metrics import Metrics
 from switchboard.live.registry import StreamRegistry
@@ -136,7 +137,15 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
     await bus.on_key_revoked(forget)
     hub = Hub(bus.client, metrics)
     bus.reconnect_listeners.append(hub.catch_up)
-    services = Services(settings, database, bus, authenticator, metrics, hub, registry)
+    limits = SharedLimits(
+        bus,
+        rate_per_minute=settings.workspace_rate_per_minute,
+        max_streams=settings.workspace_max_streams,
+    )
+    await limits.start()
+    services = Services(settings, database, bus, authenticator, metrics, hub, registry, limits)
+    # Stopped last of the stoppers (after the drain has ended this process's streams).
+    services.stoppers.append(limits.stop)
     services.background.append(asyncio.create_task(registry.run_ticker()))
     # Every process that serves the API relays its outbox: the REST writes' events reach the
     # bus only through a relay (one is active per database; the others stand by).

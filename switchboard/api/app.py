@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 
 from switchboard import __version__
 from switchboard.api.deps import Services
+from switchboard.api.limits import WorkspaceLimits
 from switchboard.api.middleware import (
     Authentication,
     BodyLimit,
@@ -302,7 +303,9 @@ def create_app(services: Services) -> ASGIApp:
         BodyLimit(
             WriteDeadline(
                 Authentication(
-                    StreamDispatch(app, list(stream_routes)),
+                    WorkspaceLimits(
+                        StreamDispatch(app, list(stream_routes)), services.limits, services.metrics
+                    ),
                     services.authenticator,
                     services.metrics,
                 ),

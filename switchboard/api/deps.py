@@ -13,6 +13,7 @@ from switchboard.auth.authenticator import Authenticator, Principal
 from switchboard.bus import Bus
 from switchboard.config import Settings
 from switchboard.db import Database
+from switchboard.limits.shared import SharedLimits
 from switchboard.live.hub import Hub
 from switchboard.live.metrics import Metrics
 from switchboard.live.registry import StreamRegistry
@@ -27,6 +28,7 @@ class Services:
     metrics: Metrics
     hub: Hub
     registry: StreamRegistry
+    limits: SharedLimits
     background: list[asyncio.Task[None]] = field(default_factory=list)
     # Components started after the services (recorder, simulator), stopped first, newest first.
     stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -1,0 +1,77 @@
+"""The per-workspace quotas at the door (SPEC 6, "Limits"): every authenticated `/v1` request
+counts against its workspace's requests a minute, and every stream holds one of its open-stream
+slots until it ends. Over either, 429 `RATE_LIMITED` with `Retry-After` and the
+`X-RateLimit-*` headers; an admitted plain response carries the request-rate headers too, so a
+client can pace itself before it is refused."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from switchboard.api.responses import send_error
+from switchboard.auth.authenticator import Principal
+from switchboard.auth.policy import is_stream_path
+from switchboard.errors import ApiError
+from switchboard.limits.book import Verdict
+from switchboard.limits.shared import SharedLimits
+from switchboard.live.metrics import Metrics
+
+
+def refusal(verdict: Verdict, what: str) -> ApiError:
+    return ApiError(
+        "RATE_LIMITED",
+        f"This workspace is over its limit of {verdict.limit} {what}; "
+        f"retry after {verdict.reset} s.",
+        retry_after=verdict.reset,
+        headers=verdict.headers(),
+    )
+
+
+class WorkspaceLimits:
+    def __init__(self, app: ASGIApp, limits: SharedLimits, metrics: Metrics) -> None:
+        self.app = app
+        self.limits = limits
+        self.refused = metrics.counter(
+            "switchboard_rate_limited_total",
+            "Requests answered 429 by a per-workspace limit, by the limit.",
+            "limit",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal: Principal | None = scope.get("state", {}).get("principal")
+        if principal is None:  # not /v1 (the console, health, metrics) or not authenticated
+            await self.app(scope, receive, send)
+            return
+        workspace_id = principal.workspace_id
+        verdict = self.limits.admit_request(workspace_id)
+        if not verdict.allowed:
+            self.refused["requests_per_minute"] += 1
+            await send_error(scope, send, refusal(verdict, "requests a minute"))
+            return
+        send = with_rate_headers(send, verdict)
+        if not is_stream_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        slot = self.limits.open_stream(workspace_id)
+        if not slot.allowed:
+            self.refused["open_streams"] += 1
+            await send_error(scope, send, refusal(slot, "open streams"))
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.limits.close_stream(workspace_id)
+
+
+def with_rate_headers(send: Send, verdict: Verdict) -> Send:
+    extra = [(k.lower().encode(), v.encode()) for k, v in verdict.headers().items()]
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            present = {k for k, _ in message.get("headers", [])}
+            added = [(k, v) for k, v in extra if k not in present]
+            if added:
+                message = {**message, "headers": [*message.get("headers", []), *added]}
+        await send(message)
+
+    return send_with_headers

@@ -1,0 +1,145 @@
+"""The shell around `LimitBook`: every process (replica or worker) reports its counts to a
+JetStream key-value bucket and hears everyone's reports as they are written.
+
+Reports are plain core publishes on the bucket's subjects (`$KV.<bucket>.<key>`): the bucket's
+stream keeps the latest per key (so a process that starts mid-window loads what the others
+admitted so far, and a restarted process's earlier admissions keep counting under its old
+name), and every process's subscription on the same subjects hears them at once. Nothing waits
+on the bus in the request path: a decision uses the counts already heard, and a changed count
+is reported within `REPORT_PACE` seconds. So the limit can be passed by what the *other*
+processes admit in one report interval plus one bus hop: at most
+`(processes - 1) x (their admission rate for that workspace) x ~REPORT_PACE`. With the bus down
+each process keeps counting alone and reports when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, NoKeysError
+
+from switchboard.bus import Bus
+from switchboard.limits.book import REFRESH_SECONDS, WINDOW_SECONDS, LimitBook, Verdict
+
+log = logging.getLogger(__name__)
+
+BUCKET = "switchboard_limits"
+SUBJECT_PREFIX = f"$KV.{BUCKET}."
+# Two windows' worth: an entry is of no use once its window is over.
+ENTRY_TTL = 2.0 * WINDOW_SECONDS + 10
+REPORT_PACE = 0.05  # seconds: at most 20 reports a second per process
+LOAD_TIMEOUT = 5.0
+
+
+class SharedLimits:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        rate_per_minute: int,
+        max_streams: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bus = bus
+        self.clock = clock
+        self.book = LimitBook(secrets.token_hex(6), rate_per_minute, max_streams)
+        self._changed = asyncio.Event()
+        self._subscription: Subscription | None = None
+        self._reporter: asyncio.Task[None] | None = None
+
+    # --- the request path: synchronous, no await ------------------------------------------
+
+    def admit_request(self, workspace_id: str) -> Verdict:
+        verdict = self.book.admit_request(workspace_id, self.clock())
+        if verdict.allowed:
+            self._changed.set()
+        return verdict
+
+    def open_stream(self, workspace_id: str) -> Verdict:
+        verdict = self.book.open_stream(workspace_id, self.clock())
+        if verdict.allowed:
+            self._changed.set()
+        return verdict
+
+    def close_stream(self, workspace_id: str) -> None:
+        self.book.close_stream(workspace_id)
+        self._changed.set()
+
+    # --- the shell --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        js = self.bus.js
+        config = KeyValueConfig(
+            bucket=BUCKET,
+            history=1,
+            ttl=ENTRY_TTL,
+            storage=StorageType.FILE,
+            replicas=self.bus.replicas,
+        )
+        try:
+            kv = await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            # Replicas starting together may race to create it: the same config is accepted.
+            kv = await js.create_key_value(config)
+        # Subscribe first, then load: a report written in between is heard twice, never missed.
+        self._subscription = await self.bus.client.subscribe(SUBJECT_PREFIX + ">", cb=self._heard)
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            keys = []
+        now = self.clock()
+        for key in keys:
+            with contextlib.suppress(NatsError, asyncio.TimeoutError):
+                entry = await asyncio.wait_for(kv.get(key), LOAD_TIMEOUT)
+                if entry.value is not None:
+                    self.book.apply(key, entry.value, now)
+        self._reporter = asyncio.create_task(self._report_forever())
+
+    async def _heard(self, msg: Msg) -> None:
+        self.book.apply(msg.subject.removeprefix(SUBJECT_PREFIX), msg.data, self.clock())
+
+    async def _report_forever(self) -> None:
+        next_refresh = self.clock() + REFRESH_SECONDS
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), REFRESH_SECONDS)
+            self._changed.clear()
+            now = self.clock()
+            if now >= next_refresh:
+                self.book.refresh()
+                self.book.prune(now)
+                next_refresh = now + REFRESH_SECONDS
+            await self._publish(now)
+            # Pacing, not synchronisation: changes in this interval go out in the next report.
+            await asyncio.sleep(REPORT_PACE)
+
+    async def _publish(self, now: float) -> None:
+        for key, value in self.book.reports(now):
+            try:
+                await self.bus.client.publish(SUBJECT_PREFIX + key, value)
+            except NatsError as failure:
+                # Counting goes on locally; the refresh reports the streams again later and
+                # the next admission reports the requests again.
+                log.debug("limits report not sent: %s", type(failure).__name__)
+
+    async def stop(self) -> None:
+        """Reports this process's streams as gone (they are, after the drain)."""
+        if self._reporter is not None:
+            self._reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporter
+        self.book.forget_streams()
+        with contextlib.suppress(NatsError, asyncio.TimeoutError):
+            await self._publish(self.clock())
+            await self.bus.client.flush(timeout=2)
+        if self._subscription is not None:
+            with contextlib.suppress(NatsError):
+                await self._subscription.unsubscribe()
