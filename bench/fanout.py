@@ -143,6 +143,10 @@ def raise_fd_limit() -> None:
 def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     env["SWITCHBOARD_LOG_LEVEL"] = "warning"
+    # Every stream of a benchmark is in one workspace: lift its quotas (SPEC 6, Limits) rather
+    # than measure refusals.
+    env["SWITCHBOARD_WORKSPACE_MAX_STREAMS"] = "1000000"
+    env["SWITCHBOARD_WORKSPACE_RATE_PER_MINUTE"] = "100000000"
     process = subprocess.Popen(
         [sys.executable, "-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
