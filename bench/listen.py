@@ -1,0 +1,743 @@
+"""Listening benchmark: many calls, each with several WebSockets that listen to its audio (SPEC
+5.3), beside the events of those calls, on one Switchboard server.
+
+Starts `switchboard serve` on the embedded default (as `bench.fanout` does), creates C calls,
+opens C x L call WebSockets from client worker processes, and every socket sends `listen`. Then
+it runs phases on the same server, alternating "events" (events at `--rate` per call, no audio)
+and "audio" (the same events, plus every call publishing one 640-byte chunk every 20 ms, real
+time, from a separate publisher process), `--rounds` times. For each phase it reports event
+latency (publish to client receive, p50 / p95 / p99), events delivered of those expected,
+audio frames and bytes received, audio chunks dropped (from /metrics), the server's CPU (the
+gateway process and its children: NATS, Postgres) and its memory, the clients' and the
+publishers' CPU (so a load generator that fell behind shows), the CPU the rest of the box used
+(other users of a shared machine), and the load average.
+
+    .venv/bin/python -m bench.listen --calls 200 --listeners 5 --rate 5 --seconds 15
+
+The clients speak the WebSocket protocol themselves over asyncio (handshake, frame parsing, pong)
+instead of through a library: at 50 binary frames a second per listener, a library client
+would be the bottleneck long before the server. `--tiny` is a small run for a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import multiprocessing as mp
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import nats
+import orjson
+import psutil
+
+from bench.fanout import machine, metric, percentile, publish, raise_fd_limit, start_server
+from switchboard.events import call_audio_subject
+
+CHUNK_BYTES = 640  # 20 ms of 16 kHz mono s16le (SPEC 5.3)
+CHUNK_SECONDS = 0.02
+# Each chunk the publisher sends starts with (phase, call index, sequence, send time), so a
+# client can say which phase and which chunk of its call it got, and how late: the rest is
+# silence.
+CHUNK_HEADER = struct.Struct("<HHId")
+CHUNK_PAD = bytes(CHUNK_BYTES - CHUNK_HEADER.size)
+AUDIO_LATENCY_EVERY = 16  # sample one chunk in 16 for audio latency (memory stays bounded)
+LATENCY_SAMPLE_CAP = 200_000
+OPEN_BATCH = 50  # handshakes in flight at once per worker
+DROPPED_EVENTS = "switchboard_frames_dropped_total"
+AUDIO_SENT = 'switchboard_audio_bytes_sent_total{kind="call_websocket"}'
+AUDIO_DROPPED = 'switchboard_audio_chunks_dropped_total{kind="call_websocket"}'
+
+
+@dataclass
+class Plan:
+    host: str
+    port: int
+    key: str
+    sockets: list[str]  # the call id of each socket
+
+
+# --- client workers (separate processes) ----------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What one worker's sockets received, by phase (a chunk carries its phase; an event is
+    counted in the phase under way, and every phase settles before the next starts)."""
+
+    phase: int = 0
+    events: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
+    latencies: defaultdict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    audio: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
+    audio_bytes: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
+    audio_latencies: defaultdict[int, list[float]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    out_of_order: int = 0  # a chunk older than one its socket already had: must stay 0
+    wrong_size: int = 0  # a binary frame that is not 640 bytes: must stay 0
+    other_text: int = 0  # replayed history, command results
+    listening: int = 0
+    refused: list[str] = field(default_factory=list)
+    closed: list[str] = field(default_factory=list)
+    listening_all: asyncio.Event = field(default_factory=asyncio.Event)
+    expected: int = 0
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (RFC 6455 5.3) with a short payload (under 126 bytes)."""
+    key = os.urandom(4)
+    masked = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + key + masked
+
+
+class Listener(asyncio.Protocol):
+    """One call WebSocket that listens: the upgrade, then `listen`, then every frame counted."""
+
+    def __init__(self, plan: Plan, call_id: str, tally: Tally, opened: asyncio.Future[None]):
+        self.plan, self.call_id, self.tally, self.opened = plan, call_id, tally, opened
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.upgraded = False
+        self.last_seq: dict[int, int] = {}  # phase -> last chunk sequence seen
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            f"GET /v1/calls/{self.call_id}/stream HTTP/1.1\r\n"
+            f"Host: {self.plan.host}:{self.plan.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {self.plan.key}\r\n\r\n".encode()
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed before the upgrade: {exc!r}"))
+        elif self.upgraded:
+            self.tally.closed.append(f"{self.call_id}: connection lost ({exc!r})")
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if not self.upgraded:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buffer[: buffer.find(b"\r\n")])
+            del buffer[: end + 4]
+            if b" 101 " not in status:
+                self.opened.set_exception(ConnectionError(status.decode(errors="replace")))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.upgraded = True
+            self.opened.set_result(None)
+            assert self.transport is not None
+            self.transport.write(client_frame(0x1, b'{"action":"listen","request_id":"l"}'))
+        self._frames()
+
+    def _frames(self) -> None:
+        buffer, tally = self.buffer, self.tally
+        size, at = len(buffer), 0
+        while size - at >= 2:
+            first, length = buffer[at], buffer[at + 1] & 0x7F
+            head = 2
+            if length == 126:
+                if size - at < 4:
+                    break
+                length, head = (buffer[at + 2] << 8) | buffer[at + 3], 4
+            elif length == 127:
+                if size - at < 10:
+                    break
+                length, head = int.from_bytes(buffer[at + 2 : at + 10], "big"), 10
+            start = at + head
+            end = start + length
+            if end > size:
+                break
+            opcode = first & 0x0F
+            if opcode == 0x2:
+                self._audio(buffer, start, length)
+            elif opcode == 0x1:
+                self._text(bytes(buffer[start:end]))
+            elif opcode == 0x9:  # ping: pong with its payload, or the server closes us
+                assert self.transport is not None
+                self.transport.write(client_frame(0xA, bytes(buffer[start:end])))
+            elif opcode == 0x8:
+                code = int.from_bytes(buffer[start : start + 2], "big") if length >= 2 else 0
+                tally.closed.append(f"{self.call_id}: close {code}")
+                assert self.transport is not None
+                self.transport.close()
+            at = end
+        del buffer[:at]
+
+    def _audio(self, buffer: bytearray, start: int, length: int) -> None:
+        tally = self.tally
+        if length != CHUNK_BYTES:
+            tally.wrong_size += 1
+            return
+        phase, _call, seq, sent = CHUNK_HEADER.unpack_from(buffer, start)
+        tally.audio[phase] += 1
+        tally.audio_bytes[phase] += length
+        last = self.last_seq.get(phase, -1)
+        if seq <= last:
+            tally.out_of_order += 1
+        else:
+            self.last_seq[phase] = seq
+        if seq % AUDIO_LATENCY_EVERY == 0:
+            sample = tally.audio_latencies[phase]
+            if len(sample) < LATENCY_SAMPLE_CAP:
+                sample.append(time.time() - sent)
+
+    def _text(self, text: bytes) -> None:
+        tally = self.tally
+        if b'"sent_at"' in text:
+            sent = orjson.loads(text)["payload"]["sent_at"]
+            phase = tally.phase
+            tally.events[phase] += 1
+            sample = tally.latencies[phase]
+            if len(sample) < LATENCY_SAMPLE_CAP:
+                sample.append(time.time() - sent)
+            return
+        tally.other_text += 1
+        if b'"command.result"' in text:
+            result = orjson.loads(text)
+            if result.get("ok") is True:
+                tally.listening += 1
+                if tally.listening == tally.expected:
+                    tally.listening_all.set()
+            else:
+                tally.refused.append(f"{self.call_id}: {result}")
+
+
+async def _open(plan: Plan, call_id: str, tally: Tally) -> asyncio.Transport:
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future[None] = loop.create_future()
+    transport, _ = await loop.create_connection(
+        lambda: Listener(plan, call_id, tally, opened), plan.host, plan.port
+    )
+    await asyncio.wait_for(opened, 60)
+    return transport
+
+
+def _cpu() -> float:
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
+def worker(plan: Plan, conn: Connection) -> None:
+    """Opens the plan's sockets, has each listen, then answers the driver: ("phase", k) starts
+    counting phase k, ("count", k) gives what phase k got so far, ("report", k) everything."""
+    import uvloop
+
+    async def main() -> None:
+        tally = Tally(expected=len(plan.sockets))
+        transports = []
+        for at in range(0, len(plan.sockets), OPEN_BATCH):
+            batch = plan.sockets[at : at + OPEN_BATCH]
+            transports += await asyncio.gather(*(_open(plan, c, tally) for c in batch))
+        try:
+            await asyncio.wait_for(tally.listening_all.wait(), 60)
+        except TimeoutError:
+            raise RuntimeError(
+                f"{tally.listening} of {len(plan.sockets)} sockets listening after 60 s; "
+                f"refused: {tally.refused[:3]}, closed: {tally.closed[:3]}"
+            ) from None
+        conn.send(("listening", tally.listening))
+        loop = asyncio.get_running_loop()
+        cpu_at: dict[int, float] = {}
+        while True:
+            message = await loop.run_in_executor(None, conn.recv)
+            verb, phase = message
+            if verb == "phase":
+                tally.phase = phase
+                cpu_at[phase] = _cpu()
+                conn.send(("ok", phase))
+            elif verb == "count":
+                conn.send((tally.events[phase], tally.audio[phase]))
+            elif verb == "report":
+                conn.send(
+                    {
+                        "events": tally.events[phase],
+                        "latencies": tally.latencies[phase],
+                        "audio": tally.audio[phase],
+                        "audio_bytes": tally.audio_bytes[phase],
+                        "audio_latencies": tally.audio_latencies[phase],
+                        "cpu": _cpu() - cpu_at[phase],
+                        "out_of_order": tally.out_of_order,
+                        "wrong_size": tally.wrong_size,
+                        "closed": list(tally.closed),
+                    }
+                )
+            else:  # "stop"
+                break
+        for transport in transports:
+            transport.close()
+
+    uvloop.run(main())
+
+
+# --- the audio publisher (a separate process, so its pace does not depend on the events') ----
+
+
+async def publish_audio(
+    client: Any, workspace_id: str, calls: list[str], phase: int, seconds: float
+) -> dict[str, Any]:
+    """One chunk per call every 20 ms for `seconds`, the calls staggered evenly across each 20
+    ms as independent media planes would be, on a steady clock (behind, it catches up)."""
+    subjects = [call_audio_subject(workspace_id, c) for c in calls]
+    count = len(calls)
+    ticks = max(1, round(seconds / CHUNK_SECONDS))
+    total = ticks * count
+    pack, pad = CHUNK_HEADER.pack, CHUNK_PAD
+    cpu0 = _cpu()
+    started = time.monotonic()
+    lag_max = 0.0
+    sent = 0
+    while sent < total:
+        tick, index = divmod(sent, count)
+        due = started + (tick + index / count) * CHUNK_SECONDS
+        now = time.monotonic()
+        if due - now > 0.001:
+            await asyncio.sleep(due - now)
+            continue
+        lag_max = max(lag_max, now - due)
+        await client.publish(subjects[index], pack(phase, index, tick, time.time()) + pad)
+        sent += 1
+    await client.flush()
+    elapsed = time.monotonic() - started
+    return {
+        "chunks_per_call": ticks,
+        "published": sent,
+        "seconds": elapsed,
+        "rate_per_call": ticks / elapsed,
+        "lag_ms_max": lag_max * 1000,
+        "cpu": _cpu() - cpu0,
+    }
+
+
+def audio_publisher(nats_url: str, workspace_id: str, calls: list[str], conn: Connection) -> None:
+    """Waits for ("go", phase, seconds), publishes, answers with what it did; "stop" ends it."""
+    import uvloop
+
+    async def main() -> None:
+        client = await nats.connect(nats_url)
+        loop = asyncio.get_running_loop()
+        conn.send("ready")
+        while True:
+            message = await loop.run_in_executor(None, conn.recv)
+            if message == "stop":
+                break
+            _go, phase, seconds = message
+            conn.send(await publish_audio(client, workspace_id, calls, phase, seconds))
+        await client.close()
+
+    uvloop.run(main())
+
+
+# --- the server's processes -------------------------------------------------------------------
+
+
+def _group(process: psutil.Process) -> str:
+    name = process.name()
+    if "nats" in name:
+        return "nats"
+    if "postgres" in name or "postmaster" in name:
+        return "postgres"
+    return "other"
+
+
+def server_cpu(server: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far of the gateway process and of its children by kind (the exited ones
+    included as far as their parents reaped them: Postgres forks a backend per connection)."""
+    own = server.cpu_times()
+    cpu = {"gateway": own.user + own.system, "nats": 0.0, "postgres": 0.0, "other": 0.0}
+    cpu["other"] += own.children_user + own.children_system
+    for child in server.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            cpu[_group(child)] += times.user + times.system
+    return cpu
+
+
+def server_memory(server: psutil.Process) -> dict[str, float]:
+    """MiB: the gateway's RSS and PSS, and the PSS of the whole tree (shared pages counted once,
+    which RSS summed over Postgres's processes would not)."""
+    info = server.memory_full_info()
+    tree_pss = float(info.pss)
+    for child in server.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            tree_pss += child.memory_full_info().pss
+    mib = 2**20
+    return {
+        "gateway_rss_mib": round(info.rss / mib, 1),
+        "gateway_pss_mib": round(info.pss / mib, 1),
+        "tree_pss_mib": round(tree_pss / mib, 1),
+    }
+
+
+def box_busy() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, wall seconds), for what everyone else used."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return float(sum(times) - idle), time.monotonic()
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    raise_fd_limit()
+    with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as scratch:
+        process, url, key = start_server(Path(scratch))
+        if not url or not key:
+            process.kill()
+            log = (Path(scratch) / "server.log").read_text()[-2000:]
+            raise RuntimeError(f"the server did not start:\n{log}")
+        server = psutil.Process(process.pid)
+        try:
+            return _measure(args, url, key, server, Path(scratch))
+        finally:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+class Session:
+    """The processes of one run: client workers, the audio publisher, and the driver's view of
+    the server (HTTP for /metrics, psutil for CPU and memory)."""
+
+    def __init__(self, args: argparse.Namespace, url: str, key: str, server: psutil.Process):
+        self.args, self.url, self.key, self.server = args, url, key, server
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"})
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        self.audio_pipe: Connection | None = None
+
+    def ask(self, message: tuple[Any, ...], patience: float = 60) -> list[Any]:
+        for pipe in self.pipes:
+            pipe.send(message)
+        answers = []
+        for pipe in self.pipes:
+            if not pipe.poll(patience):
+                raise RuntimeError(f"a client worker did not answer {message!r}")
+            answers.append(pipe.recv())
+        return answers
+
+    def metrics(self) -> str:
+        return self.http.get("/metrics", timeout=30).text
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop", 0))
+        if self.audio_pipe is not None:
+            with contextlib.suppress(OSError):
+                self.audio_pipe.send("stop")
+        for proc in self.procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+        self.http.close()
+
+
+def _measure(
+    args: argparse.Namespace, url: str, key: str, server: psutil.Process, data_dir: Path
+) -> dict[str, Any]:
+    load_start = os.getloadavg()
+    session = Session(args, url, key, server)
+    try:
+        return _phases(args, session, data_dir, load_start)
+    finally:
+        session.close()
+
+
+def _phases(
+    args: argparse.Namespace,
+    session: Session,
+    data_dir: Path,
+    load_start: tuple[float, float, float],
+) -> dict[str, Any]:
+    http, server = session.http, session.server
+    workspace_id = http.get("/v1/workspace", timeout=30).json()["id"]
+    calls = []
+    for _ in range(args.calls):
+        response = http.post(
+            "/v1/calls",
+            json={"to_number": "+14155550100", "from_number": "+14155550101"},
+            timeout=30,
+        )
+        response.raise_for_status()
+        calls.append(response.json()["id"])
+    nats_url = orjson.loads((data_dir / "run.json").read_bytes())["nats_url"]
+    memory_idle = server_memory(server)
+
+    # Socket n listens to call n % C, so each worker's share spreads over the calls.
+    sockets = [calls[n % len(calls)] for n in range(len(calls) * args.listeners)]
+    host, port = session.url.removeprefix("http://").split(":")
+    ctx = mp.get_context("spawn")
+    shares = [sockets[w :: args.workers] for w in range(args.workers)]
+    for share in shares:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(Plan(host, int(port), session.key, share), child))
+        proc.start()
+        session.pipes.append(parent)
+        session.procs.append(proc)
+    parent, child = ctx.Pipe()
+    publisher = ctx.Process(target=audio_publisher, args=(nats_url, workspace_id, calls, child))
+    publisher.start()
+    session.audio_pipe = parent
+    session.procs.append(publisher)
+    opening = time.monotonic()
+    listening = 0
+    for pipe in session.pipes:
+        if not pipe.poll(300):
+            raise RuntimeError("a client worker did not open its sockets (see its traceback)")
+        listening += pipe.recv()[1]
+    open_seconds = time.monotonic() - opening
+    if not parent.poll(60) or parent.recv() != "ready":
+        raise RuntimeError("the audio publisher did not connect to NATS")
+    memory_open = server_memory(server)
+
+    phases: list[dict[str, Any]] = []
+    number = 0
+    for round_ in range(1, args.rounds + 1):
+        for audio in (False, True):
+            number += 1
+            phases.append(
+                _phase(args, session, number, round_, audio, calls, nats_url, workspace_id)
+            )
+    workers_closed = session.ask(("report", number))
+    closed = [line for answer in workers_closed for line in answer["closed"]]
+    result: dict[str, Any] = {
+        "calls": args.calls,
+        "listeners_per_call": args.listeners,
+        "sockets_listening": listening,
+        "open_seconds": round(open_seconds, 1),
+        "rate_per_call": args.rate,
+        "seconds_per_phase": args.seconds,
+        "rounds": args.rounds,
+        "workers": args.workers,
+        "phases": phases,
+        "summary": summarize(phases, args),
+        "sockets_closed": len(closed),
+        "sockets_closed_sample": closed[:5],
+        "out_of_order_chunks": sum(a["out_of_order"] for a in workers_closed),
+        "wrong_size_frames": sum(a["wrong_size"] for a in workers_closed),
+        "memory_idle": memory_idle,
+        "memory_open": memory_open,
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine(),
+    }
+    return result
+
+
+def _phase(
+    args: argparse.Namespace,
+    session: Session,
+    number: int,
+    round_: int,
+    audio: bool,
+    calls: list[str],
+    nats_url: str,
+    workspace_id: str,
+) -> dict[str, Any]:
+    server = session.server
+    session.ask(("phase", number))
+    metrics0 = session.metrics()
+    cpu0, driver0, (box0, wall0) = server_cpu(server), _cpu(), box_busy()
+    if audio:
+        assert session.audio_pipe is not None
+        session.audio_pipe.send(("go", number, args.seconds))
+    sent, achieved = asyncio.run(
+        publish(nats_url, workspace_id, calls, args.rate, args.seconds, {"ws"})
+    )
+    published_audio: dict[str, Any] = {"chunks_per_call": 0, "published": 0}
+    if audio:
+        assert session.audio_pipe is not None
+        if not session.audio_pipe.poll(args.seconds + 60):
+            raise RuntimeError("the audio publisher did not finish its phase")
+        published_audio = session.audio_pipe.recv()
+    publish_end = time.monotonic()
+    memory = server_memory(server)
+
+    # Every call got sent // C events, the first sent % C one more (fanout.publish goes round).
+    per_call = {c: sent // len(calls) + (i < sent % len(calls)) for i, c in enumerate(calls)}
+    events_expected = sum(
+        per_call[calls[n % len(calls)]] for n in range(len(calls) * args.listeners)
+    )
+    audio_expected = published_audio["chunks_per_call"] * len(calls) * args.listeners
+
+    # Settle: until every event arrived and every chunk arrived or was dropped, or the deadline.
+    deadline = time.monotonic() + args.settle
+    while True:
+        counts = session.ask(("count", number))
+        events = sum(c[0] for c in counts)
+        frames = sum(c[1] for c in counts)
+        metrics1 = session.metrics()
+        audio_dropped = metric(metrics1, AUDIO_DROPPED) - metric(metrics0, AUDIO_DROPPED)
+        events_dropped = metric(metrics1, DROPPED_EVENTS) - metric(metrics0, DROPPED_EVENTS)
+        settled = (
+            events + events_dropped >= events_expected and frames + audio_dropped >= audio_expected
+        )
+        if settled or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)  # polling a condition, bounded by the deadline
+    cpu1, driver1, (box1, wall1) = server_cpu(server), _cpu(), box_busy()
+    settle_seconds = time.monotonic() - publish_end
+    reports = session.ask(("report", number))
+    latencies = [x for r in reports for x in r["latencies"]]
+    audio_latencies = [x for r in reports for x in r["audio_latencies"]]
+    window = wall1 - wall0
+    server_used = {k: cpu1[k] - cpu0[k] for k in cpu1}
+    server_total = sum(server_used.values())
+    clients = [r["cpu"] for r in reports]
+    ours = server_total + sum(clients) + (driver1 - driver0) + published_audio.get("cpu", 0.0)
+    audio_sent_bytes = metric(metrics1, AUDIO_SENT) - metric(metrics0, AUDIO_SENT)
+
+    def ms(values: list[float], q: float) -> float:
+        return round(percentile(values, q) * 1000, 2)
+
+    return {
+        "phase": number,
+        "round": round_,
+        "kind": "events+audio" if audio else "events",
+        "window_seconds": round(window, 2),
+        "settle_seconds": round(settle_seconds, 2),
+        "settled": settled,
+        "events_published": sent,
+        "event_publish_rate": round(achieved, 1),
+        "events_expected": events_expected,
+        "events_delivered": sum(r["events"] for r in reports),
+        "events_dropped_server": int(events_dropped),
+        "event_latency_ms_p50": ms(latencies, 0.50),
+        "event_latency_ms_p95": ms(latencies, 0.95),
+        "event_latency_ms_p99": ms(latencies, 0.99),
+        "event_latency_ms_max": round(max(latencies, default=float("nan")) * 1000, 2),
+        "audio_chunks_published": published_audio["published"],
+        "audio_publish_rate_per_call": round(published_audio.get("rate_per_call", 0.0), 2),
+        "audio_publish_lag_ms_max": round(published_audio.get("lag_ms_max", 0.0), 1),
+        "audio_frames_expected": audio_expected,
+        "audio_frames_received": sum(r["audio"] for r in reports),
+        "audio_bytes_received": sum(r["audio_bytes"] for r in reports),
+        "audio_bytes_sent_server": int(audio_sent_bytes),
+        "audio_chunks_dropped_server": int(audio_dropped),
+        "audio_latency_ms_p50": ms(audio_latencies, 0.50),
+        "audio_latency_ms_p99": ms(audio_latencies, 0.99),
+        "server_cpu_seconds": round(server_total, 2),
+        "server_cpu_by_process": {k: round(v, 2) for k, v in server_used.items()},
+        "server_cores": round(server_total / window, 3),
+        "gateway_cores": round(server_used["gateway"] / window, 3),
+        "client_worker_cores": [round(c / window, 3) for c in clients],
+        "audio_publisher_cores": round(published_audio.get("cpu", 0.0) / window, 3),
+        "driver_cores": round((driver1 - driver0) / window, 3),
+        # The rest of the machine's busy time: other users of a shared box (and the kernel).
+        "others_cores": round(max(0.0, (box1 - box0) - ours) / window, 3),
+        "memory": memory,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def summarize(phases: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Medians over the rounds of each kind, and what audio added."""
+
+    def median(kind: str, key: str) -> float:
+        values = [p[key] for p in phases if p["kind"] == kind]
+        return float(statistics.median(values)) if values else float("nan")
+
+    keys = ("event_latency_ms_p50", "event_latency_ms_p99", "server_cores", "gateway_cores")
+    summary: dict[str, Any] = {
+        kind: {key: round(median(kind, key), 3) for key in keys}
+        for kind in ("events", "events+audio")
+    }
+    listeners = args.calls * args.listeners
+    extra = median("events+audio", "server_cores") - median("events", "server_cores")
+    extra_gateway = median("events+audio", "gateway_cores") - median("events", "gateway_cores")
+    summary["audio_extra_server_cores"] = round(extra, 3)
+    summary["audio_extra_gateway_cores"] = round(extra_gateway, 3)
+    # Per listener: thousandths of a core (1 = 0.1 % of a core) the audio cost each listener.
+    summary["audio_millicores_per_listener"] = round(extra * 1000 / max(1, listeners), 3)
+    return summary
+
+
+def table(result: dict[str, Any]) -> str:
+    head = (
+        "phase kind          events dlv/exp   ev p50/p95/p99 ms     audio rcv/exp        "
+        "drop  audio MiB  au p50/p99 ms   server cores (gw)  clients  others  RSS/PSS MiB  load"
+    )
+    lines = [head]
+    for p in result["phases"]:
+        lines.append(
+            f"{p['phase']:>5} {p['kind']:<13} "
+            f"{p['events_delivered']:>7}/{p['events_expected']:<7} "
+            f"{p['event_latency_ms_p50']:>6.1f}/{p['event_latency_ms_p95']:>6.1f}/"
+            f"{p['event_latency_ms_p99']:>7.1f} "
+            f"{p['audio_frames_received']:>9}/{p['audio_frames_expected']:<9} "
+            f"{p['audio_chunks_dropped_server']:>6} "
+            f"{p['audio_bytes_received'] / 2**20:>9.1f} "
+            f"{p['audio_latency_ms_p50']:>6.1f}/{p['audio_latency_ms_p99']:<7.1f} "
+            f"{p['server_cores']:>7.2f} ({p['gateway_cores']:.2f})  "
+            f"{max(p['client_worker_cores']):>7.2f} {p['others_cores']:>7.2f} "
+            f"{p['memory']['gateway_rss_mib']:>6.0f}/{p['memory']['gateway_pss_mib']:<5.0f} "
+            f"{p['load_average_1m']:>5.2f}"
+        )
+    s = result["summary"]
+    lines.append(
+        f"audio added {s['audio_extra_server_cores']:.3f} server cores "
+        f"({s['audio_extra_gateway_cores']:.3f} in the gateway process), "
+        f"{s['audio_millicores_per_listener']:.3f} millicores per listener; "
+        f"load average {result['load_average_start'][0]} -> {result['load_average_end'][0]}"
+    )
+    return "\n".join(lines)
+
+
+def tiny() -> argparse.Namespace:
+    """A run small enough for a test: 4 calls x 2 listeners, one round of short phases."""
+    return argparse.Namespace(
+        calls=4, listeners=2, rate=10.0, seconds=1.5, rounds=1, workers=1, settle=10.0
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--listeners", type=int, default=5, help="listening sockets per call")
+    parser.add_argument("--rate", type=float, default=5.0, help="events per call per second")
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=2, help="pairs of phases (events, audio)")
+    parser.add_argument("--workers", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--settle", type=float, default=10.0, help="seconds a phase may take to deliver its tail"
+    )
+    parser.add_argument("--tiny", action="store_true", help="a few seconds' run (for a test)")
+    args = parser.parse_args()
+    if args.tiny:
+        args = tiny()
+    result = run(args)
+    print(table(result))
+    print(orjson.dumps(result).decode())
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
