@@ -56,16 +56,39 @@ def serve(
     """Start the gateway. Without SWITCHBOARD_DATABASE_URL / SWITCHBOARD_NATS_URL it starts an
     embedded Postgres and NATS under --data-dir, and stops them when it stops."""
     from switchboard.embedded import EmbeddedError
+    from switchboard.server import PortUnavailable
     from switchboard.server import serve as run_serve
 
     settings = _settings(host=host, port=port, data_dir=data_dir, log_format=log_format)
     configure_logging(settings.log_format, settings.log_level)
+    admin = admin_command(sys.argv[0], sys.executable, Path.cwd(), settings)
     try:
-        run_serve(settings, demo=demo)
-    except EmbeddedError as failure:
+        run_serve(settings, demo=demo, admin=admin)
+    except (EmbeddedError, PortUnavailable) as failure:
         raise click.ClickException(str(failure)) from None
     except OSError as failure:
         raise click.ClickException(f"could not start: {failure}") from None
+
+
+def admin_command(
+    argv0: str, executable: str, cwd: Path, settings: Settings
+) -> Callable[[str], str]:
+    """How to run an admin command the way this `serve` was run, for the banner: the same
+    program (`.venv/bin/switchboard`, or `python -m switchboard`) and the same data dir, from
+    the same folder when either is relative, so the line works pasted into another terminal."""
+    import shlex
+
+    module = Path(argv0).name == "__main__.py"
+    program = [executable, "-m", "switchboard"] if module else [argv0]
+    data_dir = settings.data_dir
+    options = [] if data_dir == Settings().data_dir else ["--data-dir", str(data_dir)]
+    relative = ("/" in argv0 and not Path(argv0).is_absolute()) or (
+        settings.embedded_database and not data_dir.is_absolute()
+    )
+    prefix = f"cd {shlex.quote(str(cwd))} && " if relative else ""
+    run = " ".join(shlex.quote(word) for word in program)
+    tail = "".join(" " + shlex.quote(word) for word in options)
+    return lambda arguments: f"{prefix}{run} {arguments}{tail}"
 
 
 # --- admin commands ----------------------------------------------------------------------------
@@ -115,9 +138,59 @@ data_dir_option = click.option(
 )
 
 
+async def _chosen_workspace(database_url: str, workspace_id: str | None) -> str:
+    """`--workspace`, or when it is left out the only workspace there is."""
+    from switchboard.workspaces import NoSingleWorkspace, only_workspace, owned_workspaces
+
+    if workspace_id is not None:
+        return workspace_id
+    try:
+        return only_workspace(await owned_workspaces(database_url))
+    except NoSingleWorkspace as ambiguous:
+        raise click.UsageError(str(ambiguous)) from None
+
+
+workspace_option = click.option(
+    "--workspace",
+    "workspace_id",
+    default=None,
+    help="ws_... id (may be left out when there is only one workspace).",
+)
+
+
 @main.group()
 def workspace() -> None:
-    """Create workspaces."""
+    """Create and list workspaces."""
+
+
+@workspace.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@data_dir_option
+def workspace_list(as_json: bool, data_dir: Path | None) -> None:
+    """List every workspace, oldest first, with its number of active keys."""
+    from switchboard.ids import iso_ms
+    from switchboard.workspaces import owned_workspaces
+
+    with _backends(_settings(data_dir=data_dir)) as (database_url, _nats):
+        workspaces = _run(owned_workspaces(database_url))
+    if as_json:
+        _print_json(
+            [
+                {
+                    "id": w.id,
+                    "name": w.name,
+                    "created_at": iso_ms(w.created_at),
+                    "active_keys": w.active_keys,
+                }
+                for w in workspaces
+            ]
+        )
+        return
+    rows = [("ID", "NAME", "CREATED", "ACTIVE KEYS")]
+    rows += [(w.id, w.name, iso_ms(w.created_at), str(w.active_keys)) for w in workspaces]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join([*(row[i].ljust(widths[i]) for i in range(3)), row[3]]))
 
 
 @workspace.command("create")
@@ -153,44 +226,46 @@ def keys() -> None:
 
 
 @keys.command("create")
-@click.option("--workspace", "workspace_id", required=True, help="ws_... id.")
+@workspace_option
 @click.option("--name", default="", help="A label for the key.")
 @click.option("--mode", type=click.Choice(["live", "test"]), default="live")
 @click.option("--json", "as_json", is_flag=True)
 @data_dir_option
 def keys_create(
-    workspace_id: str, name: str, mode: str, as_json: bool, data_dir: Path | None
+    workspace_id: str | None, name: str, mode: str, as_json: bool, data_dir: Path | None
 ) -> None:
     """Create a key in a workspace; the secret is printed once."""
     from switchboard.render_cli import key_line
     from switchboard.workspaces import insert_key
 
-    async def go(database_url: str) -> tuple[Any, str]:
-        async with _database(database_url) as database, database.workspace(workspace_id) as conn:
+    async def go(database_url: str) -> tuple[Any, str, str]:
+        chosen = await _chosen_workspace(database_url, workspace_id)
+        async with _database(database_url) as database, database.workspace(chosen) as conn:
             if not await conn.fetchval("SELECT 1 FROM workspaces"):
-                raise click.ClickException(f"no workspace {workspace_id}")
-            result: tuple[Any, str] = await insert_key(conn, workspace_id, name, mode)
-            return result
+                raise click.ClickException(f"no workspace {chosen}")
+            row, secret = await insert_key(conn, chosen, name, mode)
+            return row, secret, chosen
 
     with _backends(_settings(data_dir=data_dir)) as (database_url, _nats):
-        row, secret = _run(go(database_url))
+        row, secret, chosen = _run(go(database_url))
     if as_json:
-        _print_json({"key_id": row["id"], "api_key": secret, "workspace_id": workspace_id})
+        _print_json({"key_id": row["id"], "api_key": secret, "workspace_id": chosen})
     else:
-        click.echo(key_line(row) + f"\napi key {secret}  (shown once)")
+        click.echo(key_line(row) + f"\napi key {secret}  (shown once; workspace {chosen})")
 
 
 @keys.command("list")
-@click.option("--workspace", "workspace_id", required=True, help="ws_... id.")
+@workspace_option
 @click.option("--json", "as_json", is_flag=True)
 @data_dir_option
-def keys_list(workspace_id: str, as_json: bool, data_dir: Path | None) -> None:
+def keys_list(workspace_id: str | None, as_json: bool, data_dir: Path | None) -> None:
     """List a workspace's keys (prefixes only: secrets are never stored)."""
     from switchboard.api import render
     from switchboard.render_cli import key_line
 
     async def go(database_url: str) -> list[Any]:
-        async with _database(database_url) as database, database.workspace(workspace_id) as conn:
+        chosen = await _chosen_workspace(database_url, workspace_id)
+        async with _database(database_url) as database, database.workspace(chosen) as conn:
             return list(await conn.fetch("SELECT * FROM api_keys ORDER BY seq"))
 
     with _backends(_settings(data_dir=data_dir)) as (database_url, _nats):
@@ -302,23 +377,43 @@ def simulate(
         _run(go(database_url, nats_url))
 
 
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _urls(_context: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    """Every --url, and SWITCHBOARD_URL, may hold several URLs, comma- or space-separated (the
+    examples read SWITCHBOARD_URL the same way)."""
+    urls = [url for value in values for url in value.replace(",", " ").split()]
+    return urls or [DEFAULT_URL]
+
+
 def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """`--url` (repeatable: replicas, tried in turn) and `--key`, for the commands that read
-    streams as a client does."""
+    streams as a client does; both fall back to SWITCHBOARD_URL and SWITCHBOARD_API_KEY."""
     command = click.option(
         "--key",
         envvar="SWITCHBOARD_API_KEY",
-        required=True,
-        help="API key (or SWITCHBOARD_API_KEY).",
+        default=None,
+        help="API key; better in SWITCHBOARD_API_KEY (a flag shows in the process list).",
     )(command)
     return click.option(
         "--url",
         "urls",
         multiple=True,
-        default=["http://127.0.0.1:8080"],
-        show_default=True,
-        help="The server; repeat it to name replicas, tried in turn when one is down or draining.",
+        envvar="SWITCHBOARD_URL",
+        callback=_urls,
+        help=f"The server (default {DEFAULT_URL}, or SWITCHBOARD_URL); repeat it, or separate "
+        "URLs with commas, to name replicas, tried in turn when one is down or draining.",
     )(command)
+
+
+def _required_key(key: str | None) -> str:
+    if not key:
+        raise click.UsageError(
+            "no API key: set SWITCHBOARD_API_KEY=pk_live_... (the key `serve` printed at its "
+            "first start, or one from `switchboard keys create`), or pass --key"
+        )
+    return key
 
 
 @main.command("tail")
@@ -333,7 +428,7 @@ def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
     help="events: only these types, comma-separated; a trailing * matches a prefix (message.*).",
 )
 def tail_command(
-    stream_id: str, urls: tuple[str, ...], key: str, from_start: bool, event_types: str
+    stream_id: str, urls: list[str], key: str | None, from_start: bool, event_types: str
 ) -> None:
     """Follow a call's live transcript (call_...), a conversation (conv_...) or every event of
     the workspace (events). Reconnects resume where they left off."""
@@ -349,8 +444,9 @@ def tail_command(
     types = [kind.strip() for kind in event_types.split(",") if kind.strip()]
     if types and stream_id != WORKSPACE:
         raise click.BadParameter(f"only for {WORKSPACE}", param_hint="--event-types")
+    api_key = _required_key(key)
     try:
-        _run(tail(urls, key, stream_id, from_start=from_start, event_types=types))
+        _run(tail(urls, api_key, stream_id, from_start=from_start, event_types=types))
     except (StreamError, StreamClosed) as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
@@ -366,7 +462,7 @@ def tail_command(
     help="A WAV file to write (16 kHz, mono, 16-bit), or - for raw PCM on stdout.",
 )
 @client_options
-def listen_command(call_id: str, output: str, urls: tuple[str, ...], key: str) -> None:
+def listen_command(call_id: str, output: str, urls: list[str], key: str | None) -> None:
     """Listen to a live call (call_...) until it ends or Ctrl-C: write its audio to a WAV file,
     or raw PCM to stdout (`-o - | play -t raw -r 16k -e signed -b 16 -c 1 -`)."""
     from switchboard.client import StreamClosed, StreamError
@@ -376,8 +472,9 @@ def listen_command(call_id: str, output: str, urls: tuple[str, ...], key: str) -
         raise click.BadParameter("must be a call_... id", param_hint="CALL_ID")
     if output == STDOUT and sys.stdout.isatty():
         raise click.BadParameter("raw PCM would go to the terminal", param_hint="--output")
+    api_key = _required_key(key)
     try:
-        _run(record(urls, key, call_id, output))
+        _run(record(urls, api_key, call_id, output))
     except (StreamError, StreamClosed) as error:
         raise click.ClickException(str(error)) from None
     except BrokenPipeError:  # the player went away: stop quietly, as `head` would have us

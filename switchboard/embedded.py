@@ -110,7 +110,7 @@ def _remember_port(root: Path, port: int) -> None:
     _write_secret(root / PORT_FILE, f"{port}\n")
 
 
-def _port_holder(port: int) -> str:
+def port_holder(port: int) -> str:
     """' by pid N (name)' for whoever listens on `port`, when the system lets us see it."""
     import psutil
 
@@ -141,7 +141,7 @@ def _check_port_free(name: str, root: Path, port: int) -> None:
     file = root / PORT_FILE
     raise EmbeddedError(
         f"the embedded {name} in {root} listens on 127.0.0.1:{port} since its first start "
-        f"(remembered in {file}), but another process holds that port{_port_holder(port)}. "
+        f"(remembered in {file}), but another process holds that port{port_holder(port)}. "
         f"Stop that process, or delete {file} to let Switchboard choose a new port "
         "(then give producers the new URL from the banner)."
     )

@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,18 @@ from switchboard.recorder.consumer import Recorder
 from switchboard.simulate import SimulationPlan, Simulator
 from switchboard.webhooks.router import WebhookRouter
 from switchboard.webhooks.sender import Sender
-from switchboard.workspaces import create_workspace
+from switchboard.workspaces import WorkspaceSummary, create_workspace, owned_workspaces
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+
+# An admin command line from its arguments (`keys create`), as the banner shows it to be pasted.
+AdminCommand = Callable[[str], str]
+
+
+def default_admin(arguments: str) -> str:
+    return f"switchboard {arguments}"
 
 
 @dataclass
@@ -201,14 +208,43 @@ async def first_workspace(database_url: str) -> str | None:
     return None if found is None else str(found)
 
 
+class PortUnavailable(Exception):
+    """`serve` cannot listen where it was asked to; the message says what to do instead."""
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port). `serve` takes it before it starts or creates
+    anything, so a port that is taken costs nothing, least of all the one-time API key of a
+    first start. It listens at once, which holds the port against every other process (a bound
+    socket that does not listen yet can share it with another SO_REUSEADDR socket); a client
+    that connects while the rest starts waits in the backlog."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as failure:
+        sock.close()
+        raise PortUnavailable(port_unavailable_message(host, port, failure)) from None
     sock.set_inheritable(True)
     return sock
+
+
+def port_unavailable_message(host: str, port: int, failure: OSError) -> str:
+    import errno
+
+    from switchboard.embedded import port_holder
+
+    why = {
+        errno.EADDRINUSE: f"another process is listening on it{port_holder(port)}",
+        errno.EACCES: "this user may not listen on it",
+        errno.EADDRNOTAVAIL: f"{host} is not an address of this machine",
+    }.get(failure.errno or 0, failure.strerror or str(failure))
+    return (
+        f"cannot listen on {host}:{port}: {why}. Nothing was started or created. Choose "
+        f"another port: --port 0 picks a free one (or name one, e.g. --port {port % 65535 + 1})."
+    )
 
 
 class GatewayServer(uvicorn.Server):
@@ -298,17 +334,23 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     )
 
 
-def banner(url: str, api_key: str | None, backends: Backends | None = None) -> str:
+def banner(
+    url: str,
+    api_key: str | None,
+    backends: Backends | None = None,
+    workspaces: Sequence[WorkspaceSummary] = (),
+    admin: AdminCommand = default_admin,
+) -> str:
     """What `serve` prints once it listens. Secrets appear only when they exist nowhere else:
     the new API key, once. The NATS token stays in its 0600 file, named here, so the banner can
-    be pasted or logged."""
+    be pasted or logged. On a later start, where the key is no longer known, it names the
+    workspace and a command (`admin` is how this process was invoked) that makes a new key."""
     from switchboard.embedded import without_credentials
 
     key_line = (
         f"  API key:    {api_key}\n              (shown once: it is stored only as a hash)\n"
         if api_key
-        else "  API key:    the one printed at first start, or make one with "
-        "`switchboard keys create --workspace ws_...`\n"
+        else _later_start_lines(workspaces, admin)
     )
     nats_line = ""
     if backends is not None:
@@ -333,13 +375,35 @@ def banner(url: str, api_key: str | None, backends: Backends | None = None) -> s
     )
 
 
+def _later_start_lines(workspaces: Sequence[WorkspaceSummary], admin: AdminCommand) -> str:
+    indent = "\n              "
+    if not workspaces:
+        make = admin('workspace create "My workspace"')
+        return f"  API key:    no workspace yet; make one:{indent}{make}\n"
+    first = workspaces[0]
+    if len(workspaces) == 1:
+        where = f"  Workspace:  {first.id} ({first.name})\n"
+        command = admin("keys create")
+    else:
+        where = (
+            f"  Workspaces: {first.id} ({first.name}) and {len(workspaces) - 1} more"
+            f"{indent}(all of them: {admin('workspace list')})\n"
+        )
+        command = admin(f"keys create --workspace {first.id}")
+    return f"{where}  API key:    shown at the first start only; a new one:{indent}{command}\n"
+
+
 async def run_server(
     settings: Settings,
     backends: Backends,
     *,
     demo: bool = False,
     announce: Callable[[str], None] = print,
+    sock: socket.socket | None = None,
+    admin: AdminCommand = default_admin,
 ) -> None:
+    """`sock`: the port `serve` took before it started anything (`bind_socket`)."""
+    sock = sock or bind_socket(settings.host, settings.port)
     services = await open_services(settings, backends.database_url, backends.nats_url)
     try:
         api_key = (
@@ -347,6 +411,7 @@ async def run_server(
             if backends.embedded
             else None
         )
+        workspaces = [] if api_key else await owned_workspaces(backends.database_url)
         demo_workspace = await first_workspace(backends.database_url) if demo else None
         for consumer in (
             Recorder(services.database, services.bus, metrics=services.metrics),
@@ -361,7 +426,6 @@ async def run_server(
             simulator = Simulator(services.bus.client, SimulationPlan.demo(demo_workspace))
             await simulator.start()
             services.stoppers.append(simulator.stop)
-        sock = bind_socket(settings.host, settings.port)
         host, port = sock.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         server = GatewayServer(
@@ -370,7 +434,7 @@ async def run_server(
 
         # The socket is already listening, so a client that reads this banner and connects at
         # once waits in the backlog for the first accept rather than being refused.
-        announce(banner(url, api_key, backends))
+        announce(banner(url, api_key, backends, workspaces, admin))
         sys.stdout.flush()
         try:
             await server.serve(sockets=[sock])
@@ -384,16 +448,22 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def serve(settings: Settings, *, demo: bool = False) -> None:
+def serve(settings: Settings, *, demo: bool = False, admin: AdminCommand = default_admin) -> None:
+    """`admin`: how to invoke this command again, for the banner's `keys create` line."""
     # Until the event loop takes over the signals, SIGTERM unwinds like Ctrl-C does, so the
     # `finally` below still stops whatever has been started.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    backends = start_backends(settings)
+    # The port first: when it is taken, nothing is started or created (PortUnavailable).
+    sock = bind_socket(settings.host, settings.port)
     try:
-        run(run_server(settings, backends, demo=demo))
+        backends = start_backends(settings)
+        try:
+            run(run_server(settings, backends, demo=demo, sock=sock, admin=admin))
+        finally:
+            backends.stop()
+            log.info("stopped")
     finally:
-        backends.stop()
-        log.info("stopped")
+        sock.close()
 
 
 def run(coroutine: Any) -> Any:

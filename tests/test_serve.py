@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -172,6 +173,19 @@ def test_admin_cli_with_and_without_a_running_server(data_dir: Path) -> None:
         workspace = httpx.get(f"{serve.url}/v1/workspace", headers=headers, timeout=10).json()
         assert workspace == {**workspace, "id": created["workspace_id"], "name": "Acme"}
 
+        # The banner names the workspace and a command that, pasted, makes a key that works.
+        assert f"Workspace:  {created['workspace_id']} (Acme)" in "".join(serve.banner)
+        pasted = new_key_command(serve)
+        made_key = subprocess.run(
+            ["bash", "-c", pasted], capture_output=True, text=True, env=clean_env(), timeout=60
+        )
+        assert made_key.returncode == 0, made_key.stderr
+        pasted_key = re.search(r"api key (pk_live_\w+)", made_key.stdout)
+        assert pasted_key, made_key.stdout
+        pasted_headers = {"Authorization": f"Bearer {pasted_key.group(1)}"}
+        answer = httpx.get(f"{serve.url}/v1/workspace", headers=pasted_headers, timeout=10)
+        assert answer.json()["id"] == created["workspace_id"]
+
         # With a server running: the commands use its Postgres and NATS.
         key = run_cli(
             "keys",
@@ -213,8 +227,48 @@ def test_admin_cli_with_and_without_a_running_server(data_dir: Path) -> None:
             ).returncode
             == 1
         )
+
+        # With two workspaces, `keys create` needs --workspace and says which there are.
+        other = run_cli("workspace", "create", "Other", "--json", "--data-dir", str(data_dir))
+        other_id = orjson.loads(other.stdout)["workspace_id"]
+        ambiguous = run_cli("keys", "create", "--data-dir", str(data_dir))
+        assert ambiguous.returncode == 2
+        assert "--workspace" in ambiguous.stderr
+        assert created["workspace_id"] in ambiguous.stderr and other_id in ambiguous.stderr
+        assert "pk_live_" not in ambiguous.stdout + ambiguous.stderr
+        listed_json = run_cli("workspace", "list", "--json", "--data-dir", str(data_dir))
+        assert [(w["id"], w["name"]) for w in orjson.loads(listed_json.stdout)] == [
+            (created["workspace_id"], "Acme"),
+            (other_id, "Other"),
+        ]
+        table = run_cli("workspace", "list", "--data-dir", str(data_dir)).stdout.splitlines()
+        assert table[0].split() == ["ID", "NAME", "CREATED", "ACTIVE", "KEYS"]
+        assert table[1].startswith(created["workspace_id"]) and " Acme " in table[1]
+        assert table[2].startswith(other_id) and len(table) == 3
     finally:
         stop_and_assert_nothing_left(serve, signal.SIGTERM)
+
+
+def new_key_command(serve: Serve) -> str:
+    """The command a later start's banner gives for a new key, as a person would copy it."""
+    text = "".join(serve.banner)
+    found = re.search(r"a new one:\n\s+(.+)\n", text)
+    assert found, text
+    return found.group(1).strip()
+
+
+def test_a_taken_port_is_named_and_nothing_is_created(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = run_cli("serve", "--port", str(port), "--data-dir", str(data_dir))
+    assert refused.returncode == 1
+    assert f"127.0.0.1:{port}" in refused.stderr and "--port 0" in refused.stderr
+    assert "Nothing was started or created" in refused.stderr
+    assert not data_dir.exists()
+    assert not [p for p in psutil.process_iter(["cmdline", "cwd"]) if uses(p, data_dir)]
 
 
 def test_demo_mode_streams_live_calls_right_after_install(data_dir: Path) -> None:
