@@ -1,6 +1,8 @@
 """Send DTMF digits into a live call and print its events until it ends.
 
-SWITCHBOARD_API_KEY=pk_live_... python examples/send_dtmf.py call_... 12#
+usage: SWITCHBOARD_API_KEY=pk_live_... .venv/bin/python examples/send_dtmf.py CALL_ID DIGITS
+       (CALL_ID: a live call_...; DIGITS: 1 to 32 of 0-9*#A-D; SWITCHBOARD_URL, default
+       http://127.0.0.1:8080, names the server)
 """
 
 import asyncio
@@ -11,9 +13,9 @@ from switchboard.client import SwitchboardClient
 
 
 async def main(call_id: str, digits: str) -> None:
-    url = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8080")
+    urls = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8080").split(",")
     async with (
-        SwitchboardClient(url, os.environ["SWITCHBOARD_API_KEY"]) as sb,
+        SwitchboardClient(urls, os.environ["SWITCHBOARD_API_KEY"]) as sb,
         sb.call_events(call_id) as call,
     ):
 
@@ -27,5 +29,19 @@ async def main(call_id: str, digits: str) -> None:
         await printer
 
 
+def arguments(count: int) -> list[str]:
+    """The script's arguments; without them, or without a key, its usage and exit status 2."""
+    problem = None
+    if len(sys.argv) != count + 1 or sys.argv[1] in ("-h", "--help"):
+        problem = f"expected {count} argument{'s' if count > 1 else ''}"
+    elif not os.environ.get("SWITCHBOARD_API_KEY"):
+        problem = "SWITCHBOARD_API_KEY is not set"
+    if problem is not None:
+        print(f"{__doc__}\n{problem}", file=sys.stderr)
+        sys.exit(2)
+    return sys.argv[1:]
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    call_id, digits = arguments(2)
+    asyncio.run(main(call_id, digits))

@@ -2,7 +2,9 @@
 cursor of the last event is saved to a file, so a restarted script carries on where it stopped
 (within the server's history window) instead of missing what happened in between.
 
-SWITCHBOARD_API_KEY=pk_live_... python examples/watch_workspace.py cursor.txt
+usage: SWITCHBOARD_API_KEY=pk_live_... .venv/bin/python examples/watch_workspace.py CURSOR_FILE
+       (CURSOR_FILE: where the cursor is kept, e.g. cursor.txt; SWITCHBOARD_URL names the
+       server, default http://127.0.0.1:8080)
 """
 
 import asyncio
@@ -28,6 +30,19 @@ async def main(cursor_file: Path, kept: str | None) -> None:
                 await asyncio.to_thread(cursor_file.write_text, events.cursor)
 
 
+def arguments(count: int) -> list[str]:
+    """The script's arguments; without them, or without a key, its usage and exit status 2."""
+    problem = None
+    if len(sys.argv) != count + 1 or sys.argv[1] in ("-h", "--help"):
+        problem = f"expected {count} argument{'s' if count > 1 else ''}"
+    elif not os.environ.get("SWITCHBOARD_API_KEY"):
+        problem = "SWITCHBOARD_API_KEY is not set"
+    if problem is not None:
+        print(f"{__doc__}\n{problem}", file=sys.stderr)
+        sys.exit(2)
+    return sys.argv[1:]
+
+
 if __name__ == "__main__":
-    path = Path(sys.argv[1])
+    path = Path(arguments(1)[0])
     asyncio.run(main(path, path.read_text().strip() if path.exists() else None))

@@ -123,6 +123,26 @@ class UvicornHandshakeLines(logging.Filter):
         return not (isinstance(record.msg, str) and record.msg.startswith('%s - "WebSocket %s"'))
 
 
+# Methods that only read: a console's page, its assets and its reads of the API.
+_READS = ("GET", "HEAD", "WS")
+
+
+def access_level(method: str, path: str, status: int, fetch_site: str | None) -> int:
+    """The level of a request's access-log line. The console in a browser asks for its page,
+    its assets and the favicon, and keeps streams and lists open, on every view; a probe or a
+    scraper polls `/healthz` and `/metrics`. Those reads log at DEBUG when they succeed, so that
+    at INFO the terminal shows the API's own traffic. What stays at INFO: every `/v1` request
+    from an API client, every write (a person's action in the console too), and every request
+    that failed. The console's `/v1` reads are known by `Sec-Fetch-Site: same-origin`, which
+    browsers set on requests a page makes to its own origin and API clients never send (it only
+    picks a log level, so a client that forges it hides nothing but its own lines at INFO)."""
+    if not 100 <= status < 400 or method not in _READS:
+        return logging.INFO
+    if path != "/v1" and not path.startswith("/v1/"):
+        return logging.DEBUG
+    return logging.DEBUG if fetch_site == "same-origin" else logging.INFO
+
+
 def configure_logging(
     log_format: str = "console", level: str = "info", stream: TextIO | None = None
 ) -> None:

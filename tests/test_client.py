@@ -262,6 +262,75 @@ async def test_tail_command_follows_a_call_to_its_end(
     assert workspace.key not in text + err.decode()
 
 
+def tail_env(**values: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("SWITCHBOARD_URL", "SWITCHBOARD_API_KEY")
+    }
+    return {**env, **values}
+
+
+def test_tail_without_a_key_names_the_variable_to_set() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "switchboard", "tail", "events"],
+        capture_output=True,
+        text=True,
+        env=tail_env(),
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "SWITCHBOARD_API_KEY" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_tail_reads_switchboard_url_and_says_when_it_reconnects(
+    make_server: Callable[..., ServerThread], workspace: Workspace, client: httpx.AsyncClient
+) -> None:
+    draining, other = make_server(drain_seconds=0.2), make_server()
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "switchboard",
+        "tail",
+        "events",
+        "--event-types",
+        "message.*",
+        env=tail_env(
+            SWITCHBOARD_URL=f"{draining.url},{other.url}", SWITCHBOARD_API_KEY=workspace.key
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert tail.stdout is not None and tail.stderr is not None
+    told: list[str] = []
+
+    async def said(stream: asyncio.StreamReader, text: str) -> None:
+        while text not in (line := (await stream.readline()).decode()):
+            assert line, f"tail ended before it said {text!r}: {told}"
+            told.append(line)
+
+    async def send(text: str) -> None:
+        message = {"channel": "sms", "to_number": "+14155550195", "from_number": "+1415555000"}
+        sent = await client.post(
+            "/v1/messages", headers=workspace.headers, json=message | {"text": text}
+        )
+        assert sent.status_code == 201, sent.text
+
+    try:
+        # The first URL of SWITCHBOARD_URL serves it...
+        await eventually(lambda: draining.call(lambda: len(draining.services.registry.streams)))  # type: ignore[union-attr]
+        await send("before the drain")
+        await asyncio.wait_for(said(tail.stdout, "before the drain"), WAIT)
+        # ...and when it drains away, tail says so and goes on with the second.
+        await asyncio.to_thread(draining.stop)
+        await asyncio.wait_for(said(tail.stderr, f"-- reconnecting to {other.url}"), WAIT)
+        await asyncio.wait_for(said(tail.stderr, f"-- reconnected to {other.url}"), WAIT)
+        await send("after the drain")
+        await asyncio.wait_for(said(tail.stdout, "after the drain"), WAIT)
+    finally:
+        tail.kill()
+        await tail.wait()
+    assert workspace.key not in "".join(told)
+
+
 # --- listening ---------------------------------------------------------------------------------
 
 

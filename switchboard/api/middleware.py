@@ -33,6 +33,7 @@ from switchboard.db.commits import reporting_commits
 from switchboard.errors import ApiError
 from switchboard.ids import new_id
 from switchboard.live.metrics import Metrics
+from switchboard.logs import access_level
 from switchboard.outage import OutageLog, unavailable_dependency
 
 access_log = logging.getLogger("switchboard.access")
@@ -121,9 +122,11 @@ class RequestContext:
         finally:
             if self.outages["bus"].down and self.bus_connected():
                 self.outages["bus"].recovered()
-            access_log.info(
+            method = scope.get("method", "WS")
+            access_log.log(
+                access_level(method, path, progress.status, _header(scope, b"sec-fetch-site")),
                 "%s %s %s",
-                scope.get("method", "WS"),
+                method,
                 path,
                 progress.status,
                 extra={
