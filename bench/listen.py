@@ -45,7 +45,9 @@ import orjson
 import psutil
 
 from bench.fanout import machine, metric, percentile, publish, raise_fd_limit, start_server
-from switchboard.events import call_audio_subject
+from switchboard.events import EVENTS_STREAM, call_audio_subject
+from switchboard.recorder.consumer import DURABLE as RECORDER
+from switchboard.webhooks.router import DURABLE as ROUTER
 
 CHUNK_BYTES = 640  # 20 ms of 16 kHz mono s16le (SPEC 5.3)
 CHUNK_SECONDS = 0.02
@@ -58,6 +60,7 @@ AUDIO_LATENCY_EVERY = 16  # sample one chunk in 16 for audio latency (memory sta
 LATENCY_SAMPLE_CAP = 200_000
 OPEN_BATCH = 50  # handshakes in flight at once per worker
 DROPPED_EVENTS = "switchboard_frames_dropped_total"
+EVENTS_SENT = 'switchboard_frames_sent_total{kind="call_websocket"}'
 AUDIO_SENT = 'switchboard_audio_bytes_sent_total{kind="call_websocket"}'
 AUDIO_DROPPED = 'switchboard_audio_chunks_dropped_total{kind="call_websocket"}'
 
@@ -81,6 +84,7 @@ class Tally:
     phase: int = 0
     events: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
     latencies: defaultdict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    sent_times: defaultdict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
     audio: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
     audio_bytes: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
     audio_latencies: defaultdict[int, list[float]] = field(
@@ -212,6 +216,7 @@ class Listener(asyncio.Protocol):
             sample = tally.latencies[phase]
             if len(sample) < LATENCY_SAMPLE_CAP:
                 sample.append(time.time() - sent)
+                tally.sent_times[phase].append(sent)
             return
         tally.other_text += 1
         if b'"command.result"' in text:
@@ -274,6 +279,7 @@ def worker(plan: Plan, conn: Connection) -> None:
                     {
                         "events": tally.events[phase],
                         "latencies": tally.latencies[phase],
+                        "sent_times": tally.sent_times[phase],
                         "audio": tally.audio[phase],
                         "audio_bytes": tally.audio_bytes[phase],
                         "audio_latencies": tally.audio_latencies[phase],
@@ -358,34 +364,80 @@ def _group(process: psutil.Process) -> str:
         return "nats"
     if "postgres" in name or "postmaster" in name:
         return "postgres"
+    if "python" in name or "switchboard" in name:
+        return "gateway"  # a serve that runs its roles in worker processes
     return "other"
 
 
 def server_cpu(server: psutil.Process) -> dict[str, float]:
-    """CPU seconds so far of the gateway process and of its children by kind (the exited ones
-    included as far as their parents reaped them: Postgres forks a backend per connection)."""
+    """CPU seconds so far of the gateway process and of its children by kind, each with the
+    children it reaped: Postgres forks a backend per connection, and a backend that exits
+    between two readings must move into its postmaster's total, not vanish from the sum."""
     own = server.cpu_times()
     cpu = {"gateway": own.user + own.system, "nats": 0.0, "postgres": 0.0, "other": 0.0}
     cpu["other"] += own.children_user + own.children_system
     for child in server.children(recursive=True):
         with contextlib.suppress(psutil.Error):
             times = child.cpu_times()
-            cpu[_group(child)] += times.user + times.system
+            busy = times.user + times.system + times.children_user + times.children_system
+            cpu[_group(child)] += busy
     return cpu
 
 
+def consumers_behind(nats_url: str) -> dict[str, int]:
+    """Events the durable consumers (the recorder, the webhook router: in the gateway process
+    here) have yet to take or acknowledge: how far the durable path is behind the bus."""
+
+    async def ask() -> dict[str, int]:
+        client = await nats.connect(nats_url)
+        try:
+            js = client.jetstream()
+            behind = {}
+            for durable in (RECORDER, ROUTER):
+                info = await js.consumer_info(EVENTS_STREAM, durable, timeout=10)
+                behind[durable] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+            return behind
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(ask())
+    except Exception as failure:  # a figure missing must not end the run
+        return {"error": repr(failure)}  # type: ignore[dict-item]
+
+
+def server_warnings(data_dir: Path) -> dict[str, Any]:
+    """What the server logged at warning level or above during the run (it logs nothing else
+    here): how many lines, and the first few distinct ones."""
+    try:
+        lines = (data_dir / "server.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return {"lines": 0, "sample": []}
+    distinct: list[str] = []
+    for line in lines:
+        text = line[:300]
+        if text not in distinct and len(distinct) < 8:
+            distinct.append(text)
+    return {"lines": len(lines), "sample": distinct}
+
+
 def server_memory(server: psutil.Process) -> dict[str, float]:
-    """MiB: the gateway's RSS and PSS, and the PSS of the whole tree (shared pages counted once,
-    which RSS summed over Postgres's processes would not)."""
+    """MiB: the gateway's RSS and PSS (its worker processes included, if serve runs any), and
+    the PSS of the whole tree (shared pages counted once, which RSS summed over Postgres's
+    processes would not)."""
     info = server.memory_full_info()
-    tree_pss = float(info.pss)
+    rss, pss, tree_pss = float(info.rss), float(info.pss), float(info.pss)
     for child in server.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            tree_pss += child.memory_full_info().pss
+            child_info = child.memory_full_info()
+            tree_pss += child_info.pss
+            if _group(child) == "gateway":
+                rss += child_info.rss
+                pss += child_info.pss
     mib = 2**20
     return {
-        "gateway_rss_mib": round(info.rss / mib, 1),
-        "gateway_pss_mib": round(info.pss / mib, 1),
+        "gateway_rss_mib": round(rss / mib, 1),
+        "gateway_pss_mib": round(pss / mib, 1),
         "tree_pss_mib": round(tree_pss / mib, 1),
     }
 
@@ -540,6 +592,7 @@ def _phases(
         "sockets_closed": len(closed),
         "sockets_closed_sample": closed[:5],
         "out_of_order_chunks": sum(a["out_of_order"] for a in workers_closed),
+        "server_log_warnings": server_warnings(data_dir),
         "wrong_size_frames": sum(a["wrong_size"] for a in workers_closed),
         "memory_idle": memory_idle,
         "memory_open": memory_open,
@@ -564,6 +617,7 @@ def _phase(
     session.ask(("phase", number))
     metrics0 = session.metrics()
     cpu0, driver0, (box0, wall0) = server_cpu(server), _cpu(), box_busy()
+    began = time.time()
     if audio:
         assert session.audio_pipe is not None
         session.audio_pipe.send(("go", number, args.seconds))
@@ -577,7 +631,10 @@ def _phase(
             raise RuntimeError("the audio publisher did not finish its phase")
         published_audio = session.audio_pipe.recv()
     publish_end = time.monotonic()
+    publish_seconds = publish_end - wall0
+    metrics_published = session.metrics()
     memory = server_memory(server)
+    behind_published = consumers_behind(nats_url)
 
     # Every call got sent // C events, the first sent % C one more (fanout.publish goes round).
     per_call = {c: sent // len(calls) + (i < sent % len(calls)) for i, c in enumerate(calls)}
@@ -603,8 +660,14 @@ def _phase(
         time.sleep(0.05)  # polling a condition, bounded by the deadline
     cpu1, driver1, (box1, wall1) = server_cpu(server), _cpu(), box_busy()
     settle_seconds = time.monotonic() - publish_end
+    behind_settled = consumers_behind(nats_url)
     reports = session.ask(("report", number))
     latencies = [x for r in reports for x in r["latencies"]]
+    # Latency of the events sent in each third of the phase: a backlog that grows shows here.
+    thirds: list[list[float]] = [[], [], []]
+    for r in reports:
+        for at, latency in zip(r["sent_times"], r["latencies"], strict=True):
+            thirds[min(2, max(0, int((at - began) / args.seconds * 3)))].append(latency)
     audio_latencies = [x for r in reports for x in r["audio_latencies"]]
     window = wall1 - wall0
     server_used = {k: cpu1[k] - cpu0[k] for k in cpu1}
@@ -612,6 +675,9 @@ def _phase(
     clients = [r["cpu"] for r in reports]
     ours = server_total + sum(clients) + (driver1 - driver0) + published_audio.get("cpu", 0.0)
     audio_sent_bytes = metric(metrics1, AUDIO_SENT) - metric(metrics0, AUDIO_SENT)
+    # What the server wrote while the load was offered, against what was offered.
+    audio_written = (metric(metrics_published, AUDIO_SENT) - metric(metrics0, AUDIO_SENT)) / 640
+    events_written = metric(metrics_published, EVENTS_SENT) - metric(metrics0, EVENTS_SENT)
 
     def ms(values: list[float], q: float) -> float:
         return round(percentile(values, q) * 1000, 2)
@@ -632,6 +698,9 @@ def _phase(
         "event_latency_ms_p95": ms(latencies, 0.95),
         "event_latency_ms_p99": ms(latencies, 0.99),
         "event_latency_ms_max": round(max(latencies, default=float("nan")) * 1000, 2),
+        "event_latency_ms_p50_by_third": [ms(third, 0.50) for third in thirds],
+        "events_written_per_s_while_publishing": round(events_written / publish_seconds),
+        "events_offered_per_s": round(events_expected / args.seconds),
         "audio_chunks_published": published_audio["published"],
         "audio_publish_rate_per_call": round(published_audio.get("rate_per_call", 0.0), 2),
         "audio_publish_lag_ms_max": round(published_audio.get("lag_ms_max", 0.0), 1),
@@ -640,6 +709,8 @@ def _phase(
         "audio_bytes_received": sum(r["audio_bytes"] for r in reports),
         "audio_bytes_sent_server": int(audio_sent_bytes),
         "audio_chunks_dropped_server": int(audio_dropped),
+        "audio_frames_written_per_s_while_publishing": round(audio_written / publish_seconds),
+        "audio_frames_offered_per_s": round(audio_expected / args.seconds),
         "audio_latency_ms_p50": ms(audio_latencies, 0.50),
         "audio_latency_ms_p99": ms(audio_latencies, 0.99),
         "server_cpu_seconds": round(server_total, 2),
@@ -652,6 +723,8 @@ def _phase(
         # The rest of the machine's busy time: other users of a shared box (and the kernel).
         "others_cores": round(max(0.0, (box1 - box0) - ours) / window, 3),
         "memory": memory,
+        "durable_consumers_behind_at_publish_end": behind_published,
+        "durable_consumers_behind_at_settle": behind_settled,
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
@@ -680,20 +753,23 @@ def summarize(phases: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
 
 def table(result: dict[str, Any]) -> str:
     head = (
-        "phase kind          events dlv/exp   ev p50/p95/p99 ms     audio rcv/exp        "
-        "drop  audio MiB  au p50/p99 ms   server cores (gw)  clients  others  RSS/PSS MiB  load"
+        "phase kind          events dlv/exp   ev p50/p95/p99 ms       ev p50 by third ms    "
+        "audio rcv/exp        drop  au/s wrote/offered  au p50/p99 ms    "
+        "server cores (gw)  clients  others  RSS/PSS MiB  load"
     )
     lines = [head]
     for p in result["phases"]:
+        third = "/".join(f"{x:.0f}" for x in p["event_latency_ms_p50_by_third"])
         lines.append(
             f"{p['phase']:>5} {p['kind']:<13} "
             f"{p['events_delivered']:>7}/{p['events_expected']:<7} "
-            f"{p['event_latency_ms_p50']:>6.1f}/{p['event_latency_ms_p95']:>6.1f}/"
-            f"{p['event_latency_ms_p99']:>7.1f} "
+            f"{p['event_latency_ms_p50']:>7.1f}/{p['event_latency_ms_p95']:>7.1f}/"
+            f"{p['event_latency_ms_p99']:>7.1f}  {third:<21} "
             f"{p['audio_frames_received']:>9}/{p['audio_frames_expected']:<9} "
             f"{p['audio_chunks_dropped_server']:>6} "
-            f"{p['audio_bytes_received'] / 2**20:>9.1f} "
-            f"{p['audio_latency_ms_p50']:>6.1f}/{p['audio_latency_ms_p99']:<7.1f} "
+            f"{p['audio_frames_written_per_s_while_publishing']:>7}/"
+            f"{p['audio_frames_offered_per_s']:<8} "
+            f"{p['audio_latency_ms_p50']:>7.1f}/{p['audio_latency_ms_p99']:<7.1f} "
             f"{p['server_cores']:>7.2f} ({p['gateway_cores']:.2f})  "
             f"{max(p['client_worker_cores']):>7.2f} {p['others_cores']:>7.2f} "
             f"{p['memory']['gateway_rss_mib']:>6.0f}/{p['memory']['gateway_pss_mib']:<5.0f} "
@@ -704,7 +780,8 @@ def table(result: dict[str, Any]) -> str:
         f"audio added {s['audio_extra_server_cores']:.3f} server cores "
         f"({s['audio_extra_gateway_cores']:.3f} in the gateway process), "
         f"{s['audio_millicores_per_listener']:.3f} millicores per listener; "
-        f"load average {result['load_average_start'][0]} -> {result['load_average_end'][0]}"
+        f"load average {result['load_average_start'][0]} -> {result['load_average_end'][0]}; "
+        f"server log: {result['server_log_warnings']['lines']} warning lines"
     )
     return "\n".join(lines)
 

@@ -46,7 +46,9 @@ def test_listen_benchmark_accounts_for_every_event_and_chunk() -> None:
     received = audio["audio_frames_received"]
     assert received + audio["audio_chunks_dropped_server"] == expected
     assert received >= 0.9 * expected
-    assert audio["audio_bytes_received"] == received * 640 == audio["audio_bytes_sent_server"]
+    assert audio["audio_bytes_received"] == received * 640
+    # /metrics must count all the audio the server wrote (every process of it, if several).
+    assert audio["audio_bytes_sent_server"] == received * 640, "/metrics missed audio written"
     assert 0 < audio["audio_latency_ms_p50"] <= audio["audio_latency_ms_p99"]
     assert result["out_of_order_chunks"] == 0
     assert result["wrong_size_frames"] == 0
