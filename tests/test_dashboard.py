@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from nats.aio.client import Client
-from playwright.async_api import Page, Request, WebSocket
+from playwright.async_api import Browser, Page, Request, WebSocket
 
 from switchboard.producer import Producer
 from switchboard.simulate import SimulationPlan, Simulator
@@ -37,13 +37,14 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-async def page(server: ServerThread, workspace: Workspace) -> AsyncIterator[Page]:
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """One Chromium for the module; each test gets a fresh context (its own sessionStorage)."""
     from playwright.async_api import async_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
+        launched = await playwright.chromium.launch(
             executable_path=CHROMIUM,
             args=[
                 "--no-sandbox",
@@ -55,13 +56,20 @@ async def page(server: ServerThread, workspace: Workspace) -> AsyncIterator[Page
                 "--disable-sync",
             ],
         )
-        tab = await browser.new_page()
-        await tab.goto(server.url + "/")
-        await tab.fill("#api-key", workspace.key)
-        await tab.click("#sign-in")
-        await tab.wait_for_selector("#calls", state="attached")
-        yield tab
-        await browser.close()
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, server: ServerThread, workspace: Workspace) -> AsyncIterator[Page]:
+    context = await browser.new_context()
+    tab = await context.new_page()
+    await tab.goto(server.url + "/")
+    await tab.fill("#api-key", workspace.key)
+    await tab.click("#sign-in")
+    await tab.wait_for_selector("#live-calls", state="attached")
+    yield tab
+    await context.close()
 
 
 async def test_live_call_transcript_and_dtmf_in_the_browser(
@@ -129,8 +137,8 @@ async def test_a_call_opened_mid_way_or_after_its_end_shows_its_whole_transcript
     # A view opened after the end: every turn, in order, then the end.
     await tab.reload()
     await tab.wait_for_selector("#transcript-state[data-state=ended]", timeout=10000)
-    shown = await turns.all_inner_texts()
-    assert [text.removeprefix("user").strip() for text in shown] == [
+    shown = await tab.locator("#transcript .turn.final .text").all_inner_texts()
+    assert shown == [
         "Said before the view opened",
         "And this too",
         "Said live",
@@ -213,7 +221,7 @@ async def sign_in(tab: Page, url: str, key: str) -> None:
     await tab.goto(url + "/")
     await tab.fill("#api-key", key)
     await tab.click("#sign-in")
-    await tab.wait_for_selector("#calls", state="attached")
+    await tab.wait_for_selector("#live-calls", state="attached")
 
 
 async def test_a_call_view_that_lost_its_connections_resumes_where_it_was(
