@@ -46,25 +46,42 @@ def main() -> None:
 )
 @click.option("--log-format", type=click.Choice(["console", "json"]), default=None)
 @click.option("--demo", is_flag=True, help="Also run a simulator: a steady trickle of live calls.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Gateway processes sharing the port (default: one per core).",
+)
+@click.option(
+    "--role",
+    "roles",
+    type=click.Choice(["api", "recorder", "webhooks"]),
+    multiple=True,
+    help="Run only this role (repeatable; default: all). api serves HTTP and the streams; "
+    "recorder and webhooks are the durable consumers, in a process of their own.",
+)
 def serve(
     host: str | None,
     port: int | None,
     data_dir: Path | None,
     log_format: str | None,
     demo: bool,
+    workers: int | None,
+    roles: tuple[str, ...],
 ) -> None:
     """Start the gateway. Without SWITCHBOARD_DATABASE_URL / SWITCHBOARD_NATS_URL it starts an
     embedded Postgres and NATS under --data-dir, and stops them when it stops."""
     from switchboard.embedded import EmbeddedError
     from switchboard.server import PortUnavailable
     from switchboard.server import serve as run_serve
+    from switchboard.workers import ROLES, WorkersFailed
 
     settings = _settings(host=host, port=port, data_dir=data_dir, log_format=log_format)
     configure_logging(settings.log_format, settings.log_level)
     admin = admin_command(sys.argv[0], sys.executable, Path.cwd(), settings)
     try:
-        run_serve(settings, demo=demo, admin=admin)
-    except (EmbeddedError, PortUnavailable) as failure:
+        run_serve(settings, demo=demo, admin=admin, workers=workers, roles=roles or ROLES)
+    except (EmbeddedError, PortUnavailable, WorkersFailed) as failure:
         raise click.ClickException(str(failure)) from None
     except OSError as failure:
         raise click.ClickException(f"could not start: {failure}") from None

@@ -20,22 +20,27 @@ import orjson
 import uvicorn
 
 from switchboard import __version__
-from switchboard.api.app import create_app
 from switchboard.api.deps import Services
 from switchboard.auth.authenticator import Authenticator
 from switchboard.bus import connect_bus
 from switchboard.bus.event_outbox import OutboxRelay
 from switchboard.config import Settings
-from switchboard.db import connect_database
+from switchboard.db import Database, connect_database
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
 from switchboard.limits.shared import SharedLimits
 from switchboard.live.hub import Hub
 from switchboard.live.metrics import Metrics
 from switchboard.live.registry import StreamRegistry
-from switchboard.recorder.consumer import Recorder
-from switchboard.simulate import SimulationPlan, Simulator
-from switchboard.webhooks.router import WebhookRouter
-from switchboard.webhooks.sender import Sender
+from switchboard.workers import (
+    API,
+    ROLES,
+    Supervisor,
+    WorkerSpec,
+    default_workers,
+    plan_processes,
+    reserve_port,
+    simulator_home,
+)
 from switchboard.workspaces import WorkspaceSummary, create_workspace, owned_workspaces
 
 log = logging.getLogger(__name__)
@@ -173,7 +178,7 @@ async def close_services(services: Services) -> None:
     await services.database.close()
 
 
-async def bootstrap_workspace(database_url: str, services: Services) -> str | None:
+async def bootstrap_workspace(database_url: str, database: Database) -> str | None:
     """On the first start of an embedded install, creates a workspace and returns its key."""
     import asyncpg
 
@@ -183,7 +188,7 @@ async def bootstrap_workspace(database_url: str, services: Services) -> str | No
             return None
     finally:
         await owner.close()
-    async with services.database.pool.acquire() as conn, conn.transaction():
+    async with database.pool.acquire() as conn, conn.transaction():
         _workspace_id, api_key = await create_workspace(conn, "Default workspace")
     return api_key
 
@@ -393,77 +398,113 @@ def _later_start_lines(workspaces: Sequence[WorkspaceSummary], admin: AdminComma
     return f"{where}  API key:    shown at the first start only; a new one:{indent}{command}\n"
 
 
-async def run_server(
-    settings: Settings,
-    backends: Backends,
-    *,
-    demo: bool = False,
-    announce: Callable[[str], None] = print,
-    sock: socket.socket | None = None,
-    admin: AdminCommand = default_admin,
-) -> None:
-    """`sock`: the port `serve` took before it started anything (`bind_socket`)."""
-    sock = sock or bind_socket(settings.host, settings.port)
-    services = await open_services(settings, backends.database_url, backends.nats_url)
+@dataclass(frozen=True)
+class FirstStart:
+    """What the banner reports about the store: a new key (first start only), the workspaces
+    (later starts), and the workspace `--demo` simulates in."""
+
+    api_key: str | None
+    workspaces: list[WorkspaceSummary]
+    demo_workspace: str | None
+
+
+async def prepare_store(settings: Settings, backends: Backends, demo: bool) -> FirstStart:
+    """Before any worker starts: migrates the database (once, not once per worker) and, on the
+    first start of an embedded install, creates the workspace and its key."""
+    database = await connect_database(
+        backends.database_url, app_role_password=settings.app_role_password
+    )
     try:
         api_key = (
-            await bootstrap_workspace(backends.database_url, services)
+            await bootstrap_workspace(backends.database_url, database)
             if backends.embedded
             else None
         )
-        workspaces = [] if api_key else await owned_workspaces(backends.database_url)
-        demo_workspace = await first_workspace(backends.database_url) if demo else None
-        for consumer in (
-            Recorder(services.database, services.bus, metrics=services.metrics),
-            WebhookRouter(services.database, services.bus, metrics=services.metrics),
-        ):
-            await consumer.start()
-            services.stoppers.append(consumer.stop)
-        sender = Sender(services.database, allow_private=settings.webhook_allow_private)
-        await sender.start()
-        services.stoppers.append(sender.stop)
-        if demo_workspace is not None:
-            simulator = Simulator(services.bus.client, SimulationPlan.demo(demo_workspace))
-            await simulator.start()
-            services.stoppers.append(simulator.stop)
-        host, port = sock.getsockname()[:2]
-        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-        server = GatewayServer(
-            uvicorn_config(create_app(services), settings), drain=draining(services)
-        )
-
-        # The socket is already listening, so a client that reads this banner and connects at
-        # once waits in the backlog for the first accept rather than being refused.
-        announce(banner(url, api_key, backends, workspaces, admin))
-        sys.stdout.flush()
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            sock.close()
     finally:
-        await close_services(services)
+        await database.close()
+    workspaces = [] if api_key else await owned_workspaces(backends.database_url)
+    demo_workspace = await first_workspace(backends.database_url) if demo else None
+    return FirstStart(api_key, workspaces, demo_workspace)
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+class _StopRequested(Exception):
+    """SIGINT or SIGTERM reached the supervisor: stop every process, then return normally."""
 
 
-def serve(settings: Settings, *, demo: bool = False, admin: AdminCommand = default_admin) -> None:
-    """`admin`: how to invoke this command again, for the banner's `keys create` line."""
-    # Until the event loop takes over the signals, SIGTERM unwinds like Ctrl-C does, so the
-    # `finally` below still stops whatever has been started.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+def _stop_requested(signum: int, frame: Any) -> None:
+    raise _StopRequested
+
+
+def serve(
+    settings: Settings,
+    *,
+    demo: bool = False,
+    admin: AdminCommand = default_admin,
+    workers: int | None = None,
+    roles: Sequence[str] = ROLES,
+    announce: Callable[[str], None] = print,
+) -> None:
+    """Runs `workers` gateway processes (default: one per core) and a process for the durable
+    consumers, or only the `roles` asked for (see `switchboard.workers`). `admin`: how to invoke
+    this command again, for the banner's `keys create` line."""
+    plans = plan_processes(workers or default_workers(), roles)
+    serves_api = any(API in plan.roles for plan in plans)
+    # SIGTERM and Ctrl-C unwind to the `finally` blocks below, which stop the processes (each
+    # drains its streams), then the embedded servers, whatever had been started by then.
+    signal.signal(signal.SIGTERM, _stop_requested)
+    signal.signal(signal.SIGINT, _stop_requested)
     # The port first: when it is taken, nothing is started or created (PortUnavailable).
-    sock = bind_socket(settings.host, settings.port)
+    sock = bind_socket(settings.host, settings.port) if serves_api else None
+    supervisor: Supervisor | None = None
     try:
         backends = start_backends(settings)
         try:
-            run(run_server(settings, backends, demo=demo, sock=sock, admin=admin))
+            first = run(prepare_store(settings, backends, demo))
+            if sock is not None:
+                sock = reserve_port(sock)
+                host, port = sock.getsockname()[:2]
+            else:
+                host, port = settings.host, 0
+            home = simulator_home(plans)
+            specs = [
+                WorkerSpec(
+                    plan,
+                    settings,
+                    backends.database_url,
+                    backends.nats_url,
+                    host,
+                    port,
+                    first.demo_workspace if plan is home else None,
+                )
+                for plan in plans
+            ]
+            # A stop waits for every process's drain and grace, then kills what is left.
+            stop_timeout = settings.drain_seconds + 2 * settings.shutdown_grace + 10
+            supervisor = Supervisor(specs, stop_timeout)
+            supervisor.start()
+            if serves_api:
+                url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+                announce(banner(url, first.api_key, backends, first.workspaces, admin))
+            else:
+                running = ", ".join(sorted({r for p in plans for r in p.roles}))
+                announce(f"\nSwitchboard {__version__} is running: {running} (no HTTP port)\n")
+            sys.stdout.flush()
+            supervisor.watch(lambda: False)
+        except _StopRequested:
+            pass
         finally:
+            if supervisor is not None:
+                # A second Ctrl-C while the processes drain kills them at once.
+                signal.signal(signal.SIGINT, supervisor.force)
+                signal.signal(signal.SIGTERM, supervisor.force)
+                supervisor.stop()
             backends.stop()
             log.info("stopped")
+    except _StopRequested:
+        pass
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
 
 
 def run(coroutine: Any) -> Any:

@@ -1,0 +1,251 @@
+"""`serve --workers N` and `--role` (issue 13): gateway processes sharing one port, each serving
+its own streams, with revocations and drains reaching the streams of every process; and each
+role running alone, in its own `serve`, doing its own part of the work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+import psutil
+import pytest
+
+from switchboard.bus import connect_bus
+from switchboard.embedded import EmbeddedNats
+from switchboard.producer import Producer
+from switchboard.workers import ProcessPlan, plan_processes, simulator_home
+from tests.harness import Workspace, eventually, new_workspace
+from tests.receiver import Receiver
+
+# --- which processes a serve runs (pure) --------------------------------------------------------
+
+
+def test_workers_serve_the_api_and_one_more_process_runs_the_consumers() -> None:
+    plans = plan_processes(2, ["api", "recorder", "webhooks"])
+    assert plans == [
+        ProcessPlan("api-1", frozenset({"api"})),
+        ProcessPlan("api-2", frozenset({"api"})),
+        ProcessPlan("consumers", frozenset({"recorder", "webhooks"})),
+    ]
+    assert simulator_home(plans).name == "consumers"
+    assert plan_processes(3, ["recorder"]) == [ProcessPlan("consumers", frozenset({"recorder"}))]
+    api_only = plan_processes(1, ["api"])
+    assert api_only == [ProcessPlan("api-1", frozenset({"api"}))]
+    assert simulator_home(api_only).name == "api-1"
+    for bad in ((1, []), (0, ["api"]), (1, ["api", "printer"])):
+        with pytest.raises(ValueError):
+            plan_processes(*bad)  # type: ignore[arg-type]
+
+
+# --- real serves on their own NATS and database ------------------------------------------------
+
+
+@dataclass
+class Serve:
+    process: asyncio.subprocess.Process
+    banner: str
+    url: str | None
+
+    @property
+    def port(self) -> int:
+        assert self.url is not None
+        return int(self.url.rsplit(":", 1)[1])
+
+    def workers(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    database_url: str, nats_url: str, *args: str, data_dir: Path
+) -> AsyncIterator[Serve]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env |= {
+        "SWITCHBOARD_DATABASE_URL": database_url,
+        "SWITCHBOARD_NATS_URL": nats_url,
+        "SWITCHBOARD_DRAIN_SECONDS": "0.5",
+        "SWITCHBOARD_WEBHOOK_ALLOW_PRIVATE": "true",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "switchboard",
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        *args,
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                assert line, f"serve exited ({process.returncode}) before it was ready"
+                lines.append(line)
+                if line.startswith("  Try:") or "is running:" in line:
+                    break
+        banner = "".join(lines)
+        found = re.search(r"URL:\s+(\S+)", banner)
+        yield Serve(process, banner, found.group(1) if found else None)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(60):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+@pytest.fixture
+def nats_of_its_own(tmp_path: Path) -> Iterator[str]:
+    # The consumers of a serve read every subject: they must not read the session's events.
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    yield server.client_url
+    server.stop()
+
+
+class Stream:
+    """One raw SSE stream: its socket's local port names the process that accepted it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.local_port = int(writer.get_extra_info("sockname")[1])
+
+    @classmethod
+    async def open(cls, url: str, key: str) -> Stream:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"GET /v1/events/stream HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {key}\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        return cls(reader, writer)
+
+    async def until_closed(self) -> bytes:
+        """Everything the server writes until it closes the stream."""
+        async with asyncio.timeout(30):
+            return await self.reader.read()
+
+
+def accepted_by(serve: Serve, streams: list[Stream]) -> dict[int, int]:
+    """How many of the streams each process of the serve holds (pid -> count)."""
+    ours = {s.local_port for s in streams}
+    counts: dict[int, int] = {}
+    for worker in serve.workers():
+        with contextlib.suppress(psutil.Error):
+            for conn in worker.net_connections("tcp"):
+                if conn.laddr.port == serve.port and conn.raddr and conn.raddr.port in ours:
+                    counts[worker.pid] = counts.get(worker.pid, 0) + 1
+    return counts
+
+
+STREAMS = 24  # all on one process by chance: 2 x 2^-24
+
+
+@pytest.mark.slow
+async def test_two_workers_share_the_port_and_revocations_and_drains_reach_both(
+    own_database: str, nats_of_its_own: str, tmp_path: Path
+) -> None:
+    workspace = await new_workspace(own_database)
+    async with serve(
+        own_database, nats_of_its_own, "--workers", "2", "--role", "api", data_dir=tmp_path / "d"
+    ) as running:
+        assert running.url is not None
+        async with httpx.AsyncClient(base_url=running.url, headers=workspace.headers) as http:
+            created = (await http.post("/v1/keys", json={"name": "to revoke"})).json()
+            doomed = [await Stream.open(running.url, created["api_key"]) for _ in range(STREAMS)]
+            holders = await eventually(lambda: accepted_by(running, doomed))
+            assert len(holders) == 2, f"every stream went to one process: {holders}"
+            assert sum(holders.values()) == STREAMS
+            # The revocation, made through whichever process takes it, ends streams on both.
+            assert (await http.delete(f"/v1/keys/{created['id']}")).status_code == 200
+            for ended in await asyncio.gather(*(s.until_closed() for s in doomed)):
+                assert b"UNAUTHENTICATED" in ended, ended
+            survivors = [await Stream.open(running.url, workspace.key) for _ in range(STREAMS)]
+            assert len(await eventually(lambda: accepted_by(running, survivors))) == 2
+        # A stop drains every process: each stream is told to reconnect elsewhere.
+        workers = running.workers()
+        running.process.send_signal(signal.SIGTERM)
+        for ended in await asyncio.gather(*(s.until_closed() for s in survivors)):
+            assert b"event: error" in ended and b"UNAVAILABLE" in ended, ended
+        async with asyncio.timeout(60):
+            assert await running.process.wait() == 0
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive and len(gone) >= 2
+
+
+@pytest.mark.slow
+async def test_each_role_runs_alone_and_does_only_its_part(
+    own_database: str, nats_of_its_own: str, tmp_path: Path
+) -> None:
+    workspace: Workspace = await new_workspace(own_database)
+    receiver = Receiver().start()
+    bus = await connect_bus(nats_of_its_own)
+    try:
+        only_api = ("--workers", "1", "--role", "api")
+        async with serve(own_database, nats_of_its_own, *only_api, data_dir=tmp_path / "a") as api:
+            assert api.url is not None
+            assert [w for w in api.workers() if w.name().startswith("python")], "no worker"
+            async with httpx.AsyncClient(base_url=api.url, headers=workspace.headers) as http:
+                hook = await http.post("/v1/webhooks", json={"url": receiver.url})
+                assert hook.status_code == 201, hook.text
+                call = (
+                    await http.post(
+                        "/v1/calls",
+                        json={"to_number": "+14155550100", "from_number": "+14155550101"},
+                    )
+                ).json()
+                await Producer(bus.client).turn(
+                    workspace.id,
+                    call["id"],
+                    role="user",
+                    text="recorded by the recorder role",
+                    is_final=True,
+                    turn_id="trn_0000000000000000000001",
+                )
+
+                async def turns() -> list[str]:
+                    body = (await http.get(f"/v1/calls/{call['id']}")).json()
+                    return [t["text"] for t in body.get("turns", [])]
+
+                # The api role alone records nothing and delivers nothing: those are the
+                # consumers' work, waiting in their durable consumers on the bus.
+                assert await turns() == []
+                assert receiver.received == []
+                async with serve(
+                    own_database, nats_of_its_own, "--role", "recorder", data_dir=tmp_path / "r"
+                ) as recorder:
+                    assert recorder.url is None and "recorder (no HTTP port)" in recorder.banner
+                    await eventually(turns, within=20)
+                    assert await turns() == ["recorded by the recorder role"]
+                    assert receiver.received == []
+                async with serve(
+                    own_database, nats_of_its_own, "--role", "webhooks", data_dir=tmp_path / "w"
+                ) as webhooks:
+                    assert webhooks.url is None and "webhooks (no HTTP port)" in webhooks.banner
+                    got = await asyncio.to_thread(receiver.wait_for, 2, 30)
+                    delivered = {orjson.loads(g.body)["type"] for g in got}
+                    assert delivered == {"call.initiated", "call.transcription"}
+    finally:
+        await bus.close()
+        receiver.stop()
