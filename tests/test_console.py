@@ -27,6 +27,7 @@ from switchboard.webhooks.router import WebhookRouter
 from switchboard.webhooks.sender import Sender
 from tests.harness import ServerThread, Workspace, eventually, new_workspace
 from tests.receiver import Receiver
+from tests.test_dashboard import CuttableProxy
 from tests.test_producers import WorkspaceRecorder
 
 CHROMIUM = "/usr/bin/chromium"
@@ -496,3 +497,105 @@ async def test_every_view_fits_a_phone(
     finally:
         await context.close()
     assert phone.errors == [], phone.errors
+
+
+async def test_the_board_says_when_it_reconnects_and_recovers_what_it_missed(
+    browser: Browser,
+    server: ServerThread,
+    console_workspace: Workspace,
+    client: httpx.AsyncClient,
+) -> None:
+    context = await browser.new_context()
+    page = await context.new_page()
+    page.set_default_timeout(WAIT)
+    tab = Console(page, server.url)
+    try:
+        async with CuttableProxy(server.url) as proxy:
+            await sign_in(page, proxy.url, console_workspace.key)
+            await page.wait_for_selector("#connection[data-state=live]")
+            first = await place_call(client, console_workspace)
+            await page.locator(f"#live-calls li[data-id={first}]").wait_for()
+            proxy.cut()  # the network goes away...
+            await page.wait_for_selector("#connection[data-state=reconnecting]")
+            await tab.shot("board-reconnecting")
+            second = await place_call(client, console_workspace)  # ...while a call starts
+            await client.delete(f"/v1/calls/{first}", headers=console_workspace.headers)
+            # Back: the resume (Last-Event-ID) brings in what happened, and the page says so.
+            await page.locator(f"#live-calls li[data-id={second}]").wait_for()
+            await page.locator(f"#ended-calls li[data-id={first}]").wait_for()
+            await page.wait_for_selector("#connection[data-state=live]")
+            await page.locator("#banner", has_text="missed meanwhile recovered").wait_for()
+            await tab.shot("board-resumed")
+            await client.delete(f"/v1/calls/{second}", headers=console_workspace.headers)
+            await page.locator(f"#ended-calls li[data-id={second}]").wait_for()
+    finally:
+        await context.close()
+    assert not [e for e in tab.errors if "ERR_" not in e], tab.errors
+
+
+async def test_lists_page_beyond_the_first_twenty_and_errors_say_what_to_do(
+    browser: Browser, server: ServerThread, database_url: str, client: httpx.AsyncClient
+) -> None:
+    workspace = await new_workspace(database_url, "Paging")
+    placed = [await place_call(client, workspace) for _ in range(23)]
+    context = await browser.new_context()
+    page = await context.new_page()
+    page.set_default_timeout(WAIT)
+    tab = Console(page, server.url)
+    try:
+        # A key that is refused says why and what to do, and the page keeps nothing of it.
+        await page.goto(server.url + "/")
+        await page.fill("#api-key", "pk_live_" + "0" * 40)
+        await page.click("#sign-in")
+        await page.locator("[role=alert]", has_text="refused").wait_for()
+        await tab.shot("sign-in-refused")
+        await sign_in(page, server.url, workspace.key)
+        rows = page.locator("#live-calls > li[data-id]")
+        await page.locator("#live-more").wait_for()
+        assert await rows.count() == 20
+        assert await page.inner_text("#count-live") == "20+"
+        await page.click("#live-more")
+        await page.locator("#live-more").wait_for(state="hidden")
+        assert sorted(await rows.evaluate_all("rows => rows.map(r => r.dataset.id)")) == sorted(
+            placed
+        )
+        assert await page.inner_text("#count-live") == "23"
+        # An unknown call: the error, and what to do about it.
+        await tab.open("#/calls/call_" + "x" * 22)
+        error = page.locator("#view-error")
+        await error.filter(has_text="pick it again from the board").wait_for()
+        await tab.shot("call-not-found")
+    finally:
+        await context.close()
+    # The refused key's 401 and the unknown call's 404 are all the browser may complain about.
+    assert all("401" in e or "404" in e for e in tab.errors), tab.errors
+
+
+async def test_a_call_played_to_its_end_shows_its_quality_and_who_ended_it(
+    console: Console, bus: Client, console_workspace: Workspace
+) -> None:
+    page = console.page
+    await page.wait_for_selector("#connection[data-state=live]")
+    playing = Simulator(
+        bus,
+        SimulationPlan(
+            console_workspace.id, calls=1, conversations=0, seed=11, pace=0.1, transports=("sip",)
+        ),
+    )
+    await playing.start()
+    try:
+        await asyncio.wait_for(playing.wait(), 60)
+    finally:
+        await playing.stop()
+    [call_id] = playing.finished_calls
+    row = page.locator(f"#ended-calls li[data-id={call_id}]")
+    await row.locator(".mos").wait_for()  # the MOS of its call.quality, pushed
+    assert "completed" in await row.inner_text()
+    await console.shot("board-mos")
+    await row.locator("a").click()
+    summary = page.locator("#call-summary")
+    await summary.filter(has_text="MOS").wait_for()
+    assert "completed" in await summary.inner_text()
+    assert await page.locator("#transcript .turn.final").count() >= 2
+    await page.wait_for_selector("button[data-digit='5'][disabled]")
+    await console.shot("call-summary")

@@ -12,7 +12,7 @@ import { keysView } from "./keys.js";
 const app = document.getElementById("app");
 const connection = document.getElementById("connection");
 const banner = document.getElementById("banner");
-let cleanup = [];
+let cleanup = [], bannerTimer = null;
 
 // What the views share: where to draw, what to undo on leaving, and the header's status line.
 const context = () => ({
@@ -26,6 +26,8 @@ const context = () => ({
     banner.hidden = !text;
     banner.className = `banner ${tone}`;
     banner.textContent = text || "";
+    clearTimeout(bannerTimer);
+    if (text) bannerTimer = setTimeout(() => { banner.hidden = true; }, 20000);  // news, not a state
   },
 });
 

@@ -257,9 +257,19 @@ export async function boardView(ctx) {
       ctx.connection(state, state === "error" ? `Error: ${text}` : words[state]);
       if (state === "live" || state === "error") firstLive();
     },
-    onResumed: (n) => ctx.notify(n ? `Reconnected: ${n} event${n === 1 ? "" : "s"} missed meanwhile recovered.` : "Reconnected: nothing was missed."),
-    onReset: (reason) => { notice.textContent = missing(reason); },
+    onResumed: (n) => {
+      if (n === null) {
+        reload().then(() => ctx.notify("Reconnected: the lists were reloaded (nothing had arrived before the cut to resume from)."));
+      } else ctx.notify(n ? `Reconnected: ${n} event${n === 1 ? "" : "s"} missed meanwhile recovered.` : "Reconnected: nothing was missed.");
+    },
+    onReset: (reason) => { notice.textContent = missing(reason); reload(); },
   });
+  // After a reset or a resume with no cursor, what is shown may be stale: read the lists again.
+  const reload = async () => {
+    try { await Promise.all([loadLive(), loadRecent()]); } catch (error) { notice.replaceChildren(errorBox(error)); }
+    // A call shown live that the lists no longer call live ended meanwhile: ask for it.
+    for (const c of calls.values()) if (c.status === "in_progress") fetchCall(c.id);
+  };
   await opened;
   try {
     const agentPage = await api("/v1/agents?page_size=100").catch(() => ({ agents: [] }));

@@ -50,7 +50,7 @@ export async function callView(callId, ctx) {
   const transcriptNotice = el("p", { id: "transcript-notice", class: "notice", role: "status" });
   const timelineNotice = el("p", { id: "timeline-notice", class: "notice", role: "status" });
   const keypadNote = el("p", { id: "keypad-note", class: "muted small" });
-  const fact = (label, value) => el("div", {}, el("dt", {}, label), el("dd", {}, value));
+  const fact = (label, value, wide) => el("div", { class: wide ? "wide" : null }, el("dt", {}, label), el("dd", {}, value));
 
   let socket = null;
   const keypad = el("div", { class: "keypad", role: "group", "aria-label": "Keypad (sends DTMF into the call)" },
@@ -102,7 +102,7 @@ export async function callView(callId, ctx) {
         fact("Ended by", completed?.ended_by || "—"),
         fact("Duration", duration(completed?.duration_seconds)),
         fact("Quality", quality ? el("span", { class: `mos ${qualityLevel("mos", mos)}` },
-          `MOS ${mos} · loss ${quality.packet_loss_pct}% · jitter ${quality.jitter_ms} ms`) : "not reported"),
+          `MOS ${mos} · loss ${quality.packet_loss_pct}% · jitter ${quality.jitter_ms} ms`) : "not reported", true),
         fact("Barge-ins", String(counts.barge)), fact("Silences", String(counts.silence)), fact("Quality dips", String(counts.dips))));
   }
 
@@ -121,7 +121,12 @@ export async function callView(callId, ctx) {
   const showTurn = (turn) => {
     emptyNote.remove();
     let node = document.getElementById(`turn-${turn.turn_id}`);
-    if (!node) { node = el("div", { id: `turn-${turn.turn_id}` }); place(node, at(turn.ts)); }
+    if (!node) {
+      node = el("div", { id: `turn-${turn.turn_id}` });
+      place(node, at(turn.ts));
+      const barge = transcript.querySelector(`.marker[data-turn="${turn.turn_id}"]`);
+      if (barge) { node.classList.add("interrupted"); node.after(barge); barge.dataset.ts = node.dataset.ts; }
+    }
     else if ((node.classList.contains("final") || callOver) && !turn.is_final) return;  // a late partial never undoes a final
     const interrupted = node.classList.contains("interrupted");
     node.className = `turn ${turn.is_final ? "final" : "partial"} role-${turn.role}${interrupted ? " interrupted" : ""}`;
@@ -141,10 +146,16 @@ export async function callView(callId, ctx) {
     if (!icon || document.getElementById(`mark-${event.event_id}`)) return;
     emptyNote.remove();
     const kind = event.event_type.slice(5);
-    place(el("div", { class: `marker ${kind}`, id: `mark-${event.event_id}` },
+    const node = el("div", { class: `marker ${kind}`, id: `mark-${event.event_id}` },
       el("span", { class: "icon", "aria-hidden": "true" }, icon), el("span", {}, say(event.payload || {})),
-      el("time", { class: "at" }, clock(event.timestamp))), at(event.timestamp));
-    if (event.event_type === "call.barge_in") document.getElementById(`turn-${event.payload.turn_id}`)?.classList.add("interrupted");
+      el("time", { class: "at" }, clock(event.timestamp)));
+    place(node, at(event.timestamp));
+    if (event.event_type === "call.barge_in") {
+      // Shown right under the agent's turn it cut off (that turn's final may be stamped later).
+      node.dataset.turn = event.payload.turn_id;
+      const turn = document.getElementById(`turn-${event.payload.turn_id}`);
+      if (turn) { turn.classList.add("interrupted"); turn.after(node); node.dataset.ts = turn.dataset.ts; }
+    }
   };
 
   // --- the transcript stream --------------------------------------------------------------------

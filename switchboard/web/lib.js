@@ -45,7 +45,7 @@ export async function api(path, options = {}) {
 export function advice(error) {
   const code = error?.code || error?.error_code;
   if (code === "UNAUTHENTICATED") return "The key was refused (revoked or mistyped): sign out and sign in with a valid key.";
-  if (code === "NOT_FOUND") return "It does not exist in this workspace: go back to the board.";
+  if (code === "NOT_FOUND") return "Check the link, or pick it again from the board.";
   if (code === "RATE_LIMITED") return "Too many requests: wait a moment and try again.";
   if (code === "UNAVAILABLE" || code === "NETWORK") return "The server or one of its stores is down: it retries by itself; check the server if this lasts.";
   if (code === "INVALID_ARGUMENT") return "Correct the value and try again.";
@@ -138,7 +138,9 @@ export function copyButton(text, label = "Copy") {
 // sending it back as `Last-Event-ID` on every reconnect, so nothing durable is missed.
 // onState(state, text): connecting | live | reconnecting | error. onResumed(n): after a
 // reconnect, how many envelopes the resume recovered (those stamped before the reconnection),
-// said once the replay is over. onReset(reason): the cursor could not be honoured.
+// said once the replay is over; null when there was no cursor to resume from (no frame had
+// come yet), so the caller reloads what it shows. onReset(reason): the cursor could not be
+// honoured, so the caller reloads too.
 export async function readSse(path, { onEvent, signal, onState, onReset = () => {}, onResumed = () => {}, onCursor = () => {} }) {
   let attempt = 0, lastId = null, everLive = false;
   while (!signal.aborted) {
@@ -157,8 +159,10 @@ export async function readSse(path, { onEvent, signal, onState, onReset = () => 
         return;
       }
       const resumed = everLive && lastId !== null;
+      const blind = everLive && lastId === null;  // nothing had come yet: no cursor to resume from
       everLive = true;
       onState("live");
+      if (blind) onResumed(null);
       attempt = 0;
       const connectedAt = Date.now();
       let recovered = 0, quietTimer = null, replaying = resumed;
