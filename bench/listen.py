@@ -409,16 +409,26 @@ def consumers_behind(nats_url: str) -> dict[str, int]:
 def server_warnings(data_dir: Path) -> dict[str, Any]:
     """What the server logged at warning level or above during the run (it logs nothing else
     here): how many lines, and the first few distinct ones."""
-    try:
+    lines: list[str] = []
+    with contextlib.suppress(OSError):
         lines = (data_dir / "server.log").read_text(errors="replace").splitlines()
-    except OSError:
-        return {"lines": 0, "sample": []}
     distinct: list[str] = []
     for line in lines:
         text = line[:300]
         if text not in distinct and len(distinct) < 8:
             distinct.append(text)
-    return {"lines": len(lines), "sample": distinct}
+    # NATS cuts a client that reads too slowly ("Slow Consumer"): core NATS (audio) it held
+    # for that client is then gone, and nothing in the gateway counts it.
+    slow: list[str] = []
+    for log in data_dir.glob("**/nats.log"):
+        with contextlib.suppress(OSError):
+            slow += [x[:300] for x in log.read_text(errors="replace").splitlines() if "Slow" in x]
+    return {
+        "lines": len(lines),
+        "sample": distinct,
+        "nats_slow_consumer": len(slow),
+        "nats_slow_consumer_sample": slow[:4],
+    }
 
 
 def server_memory(server: psutil.Process) -> dict[str, float]:
@@ -730,24 +740,42 @@ def _phase(
 
 
 def summarize(phases: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """Medians over the rounds of each kind, and what audio added."""
+    """Medians over the rounds of each kind, and what audio cost the gateway process.
 
-    def median(kind: str, key: str) -> float:
-        values = [p[key] for p in phases if p["kind"] == kind]
+    The cost is read round by round: the gateway's CPU in the audio phase, less what the events
+    alone cost it per second (the round's events phase) over the audio phase's window, divided
+    by the audio frames delivered. The recorder and the webhook router run in the gateway
+    process too: if they fall behind, the difference mixes their work in (see
+    `durable_consumers_behind_*`)."""
+
+    def median(values: list[float]) -> float:
         return float(statistics.median(values)) if values else float("nan")
+
+    def of(kind: str, key: str) -> float:
+        return median([p[key] for p in phases if p["kind"] == kind])
 
     keys = ("event_latency_ms_p50", "event_latency_ms_p99", "server_cores", "gateway_cores")
     summary: dict[str, Any] = {
-        kind: {key: round(median(kind, key), 3) for key in keys}
-        for kind in ("events", "events+audio")
+        kind: {key: round(of(kind, key), 3) for key in keys} for kind in ("events", "events+audio")
     }
-    listeners = args.calls * args.listeners
-    extra = median("events+audio", "server_cores") - median("events", "server_cores")
-    extra_gateway = median("events+audio", "gateway_cores") - median("events", "gateway_cores")
-    summary["audio_extra_server_cores"] = round(extra, 3)
-    summary["audio_extra_gateway_cores"] = round(extra_gateway, 3)
-    # Per listener: thousandths of a core (1 = 0.1 % of a core) the audio cost each listener.
-    summary["audio_millicores_per_listener"] = round(extra * 1000 / max(1, listeners), 3)
+    per_frame = []
+    for alone, audio in zip(phases[0::2], phases[1::2], strict=False):
+        frames = audio["audio_frames_received"]
+        if frames:
+            extra = audio["server_cpu_by_process"]["gateway"] - (
+                alone["gateway_cores"] * audio["window_seconds"]
+            )
+            per_frame.append(extra / frames)
+    cost = median(per_frame)
+    summary["audio_extra_server_cores"] = round(
+        of("events+audio", "server_cores") - of("events", "server_cores"), 3
+    )
+    summary["audio_extra_gateway_cores"] = round(
+        of("events+audio", "gateway_cores") - of("events", "gateway_cores"), 3
+    )
+    summary["audio_gateway_us_per_frame"] = round(cost * 1e6, 2)
+    # A listener gets 50 frames a second: thousandths of a core each listener costs.
+    summary["audio_gateway_millicores_per_listener"] = round(cost / CHUNK_SECONDS * 1000, 3)
     return summary
 
 
@@ -779,9 +807,11 @@ def table(result: dict[str, Any]) -> str:
     lines.append(
         f"audio added {s['audio_extra_server_cores']:.3f} server cores "
         f"({s['audio_extra_gateway_cores']:.3f} in the gateway process), "
-        f"{s['audio_millicores_per_listener']:.3f} millicores per listener; "
+        f"{s['audio_gateway_us_per_frame']:.1f} us of gateway CPU per audio frame, "
+        f"{s['audio_gateway_millicores_per_listener']:.2f} millicores per listener; "
         f"load average {result['load_average_start'][0]} -> {result['load_average_end'][0]}; "
-        f"server log: {result['server_log_warnings']['lines']} warning lines"
+        f"server log: {result['server_log_warnings']['lines']} warning lines; NATS slow "
+        f"consumer: {result['server_log_warnings']['nats_slow_consumer']}"
     )
     return "\n".join(lines)
 
