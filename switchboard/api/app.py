@@ -12,7 +12,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp
+from starlette.responses import Response
+from starlette.types import ASGIApp, Scope
 
 from switchboard import __version__
 from switchboard.api.deps import Services
@@ -45,6 +46,17 @@ DASHBOARD_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+
+
+class ConsoleFiles(StaticFiles):
+    """The console's modules and styles, revalidated on every load (a 304 by ETag when they
+    have not changed), so a browser never runs an upgraded page with a stale module."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
@@ -283,11 +295,15 @@ def create_app(services: Services) -> ASGIApp:
     app.openapi = openapi  # type: ignore[method-assign]
 
     web = Path(__file__).resolve().parent.parent / "web"
-    app.mount("/web", StaticFiles(directory=web), name="web")
+    app.mount("/web", ConsoleFiles(directory=web), name="web")
 
     @app.get("/", include_in_schema=False)
     async def dashboard() -> FileResponse:
         return FileResponse(web / "index.html", headers=DASHBOARD_HEADERS)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:  # for pages that do not name theirs (/docs)
+        return FileResponse(web / "favicon.svg", media_type="image/svg+xml")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
