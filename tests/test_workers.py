@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from switchboard.bus import connect_bus
 from switchboard.embedded import EmbeddedNats
+from switchboard.limits.book import seconds_to_reset
 from switchboard.producer import Producer
 from switchboard.workers import ProcessPlan, plan_processes, simulator_home
 from tests.harness import Workspace, eventually, new_workspace
@@ -67,7 +69,7 @@ class Serve:
 
 @contextlib.asynccontextmanager
 async def serve(
-    database_url: str, nats_url: str, *args: str, data_dir: Path
+    database_url: str, nats_url: str, *args: str, data_dir: Path, **settings: str
 ) -> AsyncIterator[Serve]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     env |= {
@@ -76,6 +78,7 @@ async def serve(
         "SWITCHBOARD_DRAIN_SECONDS": "0.5",
         "SWITCHBOARD_WEBHOOK_ALLOW_PRIVATE": "true",
     }
+    env |= {f"SWITCHBOARD_{name.upper()}": value for name, value in settings.items()}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -249,3 +252,87 @@ async def test_each_role_runs_alone_and_does_only_its_part(
     finally:
         await bus.close()
         receiver.stop()
+
+
+class KeptAlive:
+    """One keep-alive HTTP/1.1 connection, so that its requests all reach the same process."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.local_port = int(writer.get_extra_info("sockname")[1])
+
+    @classmethod
+    async def open(cls, url: str) -> KeptAlive:
+        host, port = url.removeprefix("http://").split(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def get(self, path: str, key: str) -> tuple[int, dict[str, str]]:
+        self.writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
+        )
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode()
+        status_line, *lines = head.strip().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        await self.reader.readexactly(int(headers["content-length"]))
+        return int(status_line.split()[1]), headers
+
+
+LIMIT = 40
+
+
+@pytest.mark.slow
+async def test_the_request_limit_is_shared_by_two_workers(
+    own_database: str, nats_of_its_own: str, tmp_path: Path
+) -> None:
+    workspace = await new_workspace(own_database)
+    if seconds_to_reset(time.time()) < 30:  # the count starts again each minute: not mid-test
+        await asyncio.sleep(seconds_to_reset(time.time()) + 0.1)
+    async with serve(
+        own_database,
+        nats_of_its_own,
+        *("--workers", "2", "--role", "api"),
+        data_dir=tmp_path / "d",
+        workspace_rate_per_minute=str(LIMIT),
+    ) as running:
+        assert running.url is not None
+        # One kept-alive connection to each process.
+        pool = [await KeptAlive.open(running.url) for _ in range(16)]
+        pinned: dict[int, KeptAlive] = {}
+
+        def holders() -> bool:
+            for worker in running.workers():
+                with contextlib.suppress(psutil.Error):
+                    for conn in worker.net_connections("tcp"):
+                        for kept in pool:
+                            if conn.raddr and conn.raddr.port == kept.local_port:
+                                pinned.setdefault(worker.pid, kept)
+            return len(pinned) == 2
+
+        await eventually(holders)
+        first, second = pinned.values()
+        admitted = {first: 0, second: 0}
+        refusals = []
+        for index in range(2 * LIMIT):
+            connection = first if index % 2 == 0 else second
+            status, headers = await connection.get("/v1/workspace", workspace.key)
+            if status == 200:
+                admitted[connection] += 1
+            else:
+                assert status == 429
+                refusals.append(headers)
+        total = sum(admitted.values())
+        # Each process alone would admit LIMIT; together they admit LIMIT, plus at most what
+        # one admits before it hears the other's last report.
+        assert LIMIT <= total <= LIMIT + LIMIT // 4, admitted
+        assert all(admitted.values())
+        assert refusals, "nothing was refused"
+        for headers in refusals:
+            assert headers["x-ratelimit-limit"] == str(LIMIT)
+            assert headers["x-ratelimit-remaining"] == "0"
+            assert 1 <= int(headers["retry-after"]) <= 60
+            assert headers["x-ratelimit-reset"] == headers["retry-after"]
+        # Both processes refuse from now on.
+        assert (await first.get("/v1/workspace", workspace.key))[0] == 429
+        assert (await second.get("/v1/workspace", workspace.key))[0] == 429
+        for kept in pool:
+            kept.writer.close()

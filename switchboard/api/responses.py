@@ -94,5 +94,7 @@ async def send_error(scope: Scope, send: Send, error: ApiError) -> None:
         else:
             await send({"type": "websocket.close", "code": 1008})
         return
+    # A known length, not chunked: the whole answer is one small body.
+    headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
