@@ -37,7 +37,7 @@ function signIn(message = "") {
   const form = el("form", { class: "stack", onsubmit: async (event) => {
     event.preventDefault();
     sessionStorage.setItem(KEY, input.value.trim());
-    try { await api("/v1/workspace"); location.hash = location.hash || "#/"; route(); }
+    try { await api("/v1/workspace"); route(); }
     catch (error) { sessionStorage.removeItem(KEY); signIn(error.code === "UNAUTHENTICATED" ? "That key was refused: it is mistyped, revoked or from another server." : error.message); }
   } },
   el("label", { for: "api-key" }, "API key"),

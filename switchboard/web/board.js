@@ -92,7 +92,7 @@ export async function boardView(ctx) {
   function draw(list, items, idOf, row, empty) {
     const wanted = items.map((item) => {
       const id = idOf(item);
-      let node = list.querySelector(`:scope > li[data-id="${id}"]`);
+      let node = list.querySelector(`:scope > li[data-id="${CSS.escape(id)}"]`);
       if (!node) node = el("li", { "data-id": id, id: `${list.id}-${id}` });
       const parts = row(item);
       const signature = JSON.stringify(item) + agents.size;
@@ -270,7 +270,9 @@ export async function boardView(ctx) {
     // A call shown live that the lists no longer call live ended meanwhile: ask for it.
     for (const c of calls.values()) if (c.status === "in_progress") fetchCall(c.id);
   };
-  await opened;
+  // The lists wait for the stream (so nothing falls between them), but not for ever: a stream
+  // that cannot connect still leaves a board to read, and its events apply when they come.
+  await Promise.race([opened, new Promise((resolve) => setTimeout(resolve, 5000))]);
   try {
     const agentPage = await api("/v1/agents?page_size=100").catch(() => ({ agents: [] }));
     for (const a of agentPage.agents) agents.set(a.id, a.name);

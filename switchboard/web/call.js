@@ -124,7 +124,7 @@ export async function callView(callId, ctx) {
     if (!node) {
       node = el("div", { id: `turn-${turn.turn_id}` });
       place(node, at(turn.ts));
-      const barge = transcript.querySelector(`.marker[data-turn="${turn.turn_id}"]`);
+      const barge = transcript.querySelector(`.marker[data-turn="${CSS.escape(turn.turn_id)}"]`);
       if (barge) { node.classList.add("interrupted"); node.after(barge); barge.dataset.ts = node.dataset.ts; }
     }
     else if ((node.classList.contains("final") || callOver) && !turn.is_final) return;  // a late partial never undoes a final

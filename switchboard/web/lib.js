@@ -151,6 +151,12 @@ export async function readSse(path, { onEvent, signal, onState, onReset = () => 
       if (lastId !== null) headers["Last-Event-ID"] = lastId;
       const response = await fetch(path, { headers, signal, cache: "no-store" });
       if (response.status >= 500) throw new Error(`${response.status}`);
+      if (response.status === 429) {  // too many streams or requests: come back when told
+        const wait = Number(response.headers.get("Retry-After"));
+        onState("reconnecting", "Too many streams or requests for this workspace: retrying shortly");
+        await new Promise((resolve) => setTimeout(resolve, (Number.isFinite(wait) && wait > 0 ? wait : 5) * 1000));
+        continue;
+      }
       if (!response.ok) {
         let body = null;
         try { body = await response.json(); } catch { /* not JSON */ }
