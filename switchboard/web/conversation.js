@@ -26,11 +26,15 @@ export async function conversationView(conversationId, ctx) {
       el("span", { class: "text" }, m.text),
       el("span", { class: "at" }, `${when(row.dataset.at)} · ${m.status}`));
   };
+  // Who switched: a key's id is shown with the key's name when this key may list keys.
+  const keyNames = new Map();
+  api("/v1/keys?page_size=100").then((page) => page.keys.forEach((k) => keyNames.set(k.id, k.name))).catch(() => {});
+  const actor = (id) => (keyNames.get(id) ? `the key “${keyNames.get(id)}”` : id || "someone");
   const switched = (event) => {
     const p = event.payload;
     if (document.getElementById(`switch-${event.event_id}`)) return;
     messages.append(el("li", { id: `switch-${event.event_id}`, class: "mode-change" },
-      `${SHORT[p.from_mode]} → ${SHORT[p.to_mode]}, by ${p.actor_user_id || "someone"} at ${clock(event.timestamp)}`));
+      `${SHORT[p.from_mode]} → ${SHORT[p.to_mode]}, by ${actor(p.actor_user_id)} at ${clock(event.timestamp)}`));
   };
   conversation.messages.forEach((m) => show(m));
   if (!conversation.messages.length) messages.append(el("li", { class: "empty muted" }, "No messages yet."));
@@ -42,7 +46,7 @@ export async function conversationView(conversationId, ctx) {
       try {
         await api(`/v1/conversations/${conversationId}`, { method: "PATCH", body: JSON.stringify({ ai_mode: to }) });
       } catch (error) { modeError.replaceChildren(errorBox(error)); }
-    } }, `Switch to ${SHORT[to]}`));
+    } }, { ai: "AI", human: "Human", closed: "Closed" }[to]));
 
   const text = el("textarea", { id: "reply-text", rows: "2", maxlength: "4096", required: true, "aria-describedby": "reply-help" });
   const send = el("button", { id: "reply-send", class: "primary" }, "Send");
@@ -65,7 +69,11 @@ export async function conversationView(conversationId, ctx) {
     mode.className = `badge big mode-${currentMode}`;
     mode.textContent = SHORT[currentMode];
     modeText.textContent = MODES[currentMode];
-    for (const b of buttons) b.setAttribute("aria-pressed", String(b.id === `mode-${currentMode}`));
+    for (const b of buttons) {
+      const current = b.id === `mode-${currentMode}`;
+      b.setAttribute("aria-pressed", String(current));
+      b.disabled = current;  // already so: nothing to switch
+    }
     const human = currentMode === "human";
     text.disabled = !human; send.disabled = !human;
     replyHelp.textContent = human ? "Sent by SMS/WhatsApp to the customer through POST /v1/messages; it appears above once sent."
@@ -81,7 +89,8 @@ export async function conversationView(conversationId, ctx) {
           el("span", { class: "badge plain" }, conversation.channel)), state),
       el("p", { class: "muted" }, `with ${conversation.business_number} · started ${when(conversation.created_at)}`),
       el("div", { class: "mode-bar" }, el("span", {}, "Mode: "), mode, modeText),
-      el("div", { class: "switches", role: "group", "aria-label": "Who answers" }, ...buttons), modeError),
+      el("div", { class: "switches", role: "group", "aria-labelledby": "switch-label" },
+        el("span", { id: "switch-label" }, "Hand over to: "), ...buttons), modeError),
     el("section", { class: "card", "aria-labelledby": "messages-h" },
       el("h2", { id: "messages-h" }, "Messages"), notice, messages, reply));
 
