@@ -90,6 +90,7 @@ class Tally:
     audio_latencies: defaultdict[int, list[float]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    gaps: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
     out_of_order: int = 0  # a chunk older than one its socket already had: must stay 0
     wrong_size: int = 0  # a binary frame that is not 640 bytes: must stay 0
     other_text: int = 0  # replayed history, command results
@@ -201,6 +202,7 @@ class Listener(asyncio.Protocol):
         if seq <= last:
             tally.out_of_order += 1
         else:
+            tally.gaps[phase] += seq - last - 1
             self.last_seq[phase] = seq
         if seq % AUDIO_LATENCY_EVERY == 0:
             sample = tally.audio_latencies[phase]
@@ -229,14 +231,14 @@ class Listener(asyncio.Protocol):
                 tally.refused.append(f"{self.call_id}: {result}")
 
 
-async def _open(plan: Plan, call_id: str, tally: Tally) -> asyncio.Transport:
+async def _open(plan: Plan, call_id: str, tally: Tally) -> Listener:
     loop = asyncio.get_running_loop()
     opened: asyncio.Future[None] = loop.create_future()
-    transport, _ = await loop.create_connection(
+    _, listener = await loop.create_connection(
         lambda: Listener(plan, call_id, tally, opened), plan.host, plan.port
     )
     await asyncio.wait_for(opened, 60)
-    return transport
+    return listener
 
 
 def _cpu() -> float:
@@ -246,15 +248,16 @@ def _cpu() -> float:
 
 def worker(plan: Plan, conn: Connection) -> None:
     """Opens the plan's sockets, has each listen, then answers the driver: ("phase", k) starts
-    counting phase k, ("count", k) gives what phase k got so far, ("report", k) everything."""
+    counting phase k, ("count", k, last) gives what phase k got so far and how many sockets
+    have chunk `last` of it, ("report", k) everything."""
     import uvloop
 
     async def main() -> None:
         tally = Tally(expected=len(plan.sockets))
-        transports = []
+        listeners: list[Listener] = []
         for at in range(0, len(plan.sockets), OPEN_BATCH):
             batch = plan.sockets[at : at + OPEN_BATCH]
-            transports += await asyncio.gather(*(_open(plan, c, tally) for c in batch))
+            listeners += await asyncio.gather(*(_open(plan, c, tally) for c in batch))
         try:
             await asyncio.wait_for(tally.listening_all.wait(), 60)
         except TimeoutError:
@@ -267,13 +270,15 @@ def worker(plan: Plan, conn: Connection) -> None:
         cpu_at: dict[int, float] = {}
         while True:
             message = await loop.run_in_executor(None, conn.recv)
-            verb, phase = message
+            verb, phase = message[:2]
             if verb == "phase":
                 tally.phase = phase
                 cpu_at[phase] = _cpu()
                 conn.send(("ok", phase))
             elif verb == "count":
-                conn.send((tally.events[phase], tally.audio[phase]))
+                last = message[2]
+                finished = sum(1 for s in listeners if s.last_seq.get(phase) == last)
+                conn.send((tally.events[phase], tally.audio[phase], finished))
             elif verb == "report":
                 conn.send(
                     {
@@ -281,6 +286,7 @@ def worker(plan: Plan, conn: Connection) -> None:
                         "latencies": tally.latencies[phase],
                         "sent_times": tally.sent_times[phase],
                         "audio": tally.audio[phase],
+                        "gaps": tally.gaps[phase],
                         "audio_bytes": tally.audio_bytes[phase],
                         "audio_latencies": tally.audio_latencies[phase],
                         "cpu": _cpu() - cpu_at[phase],
@@ -291,8 +297,9 @@ def worker(plan: Plan, conn: Connection) -> None:
                 )
             else:  # "stop"
                 break
-        for transport in transports:
-            transport.close()
+        for listener in listeners:
+            if listener.transport is not None:
+                listener.transport.close()
 
     uvloop.run(main())
 
@@ -358,35 +365,84 @@ def audio_publisher(nats_url: str, workspace_id: str, calls: list[str], conn: Co
 # --- the server's processes -------------------------------------------------------------------
 
 
-def _group(process: psutil.Process) -> str:
-    name = process.name()
-    if "nats" in name:
-        return "nats"
-    if "postgres" in name or "postmaster" in name:
-        return "postgres"
-    if "python" in name or "switchboard" in name:
-        return "gateway"  # a serve that runs its roles in worker processes
-    return "other"
+GROUPS = ("gateway", "consumers", "supervisor", "nats", "postgres", "other")
 
 
-def server_cpu(server: psutil.Process) -> dict[str, float]:
-    """CPU seconds so far of the gateway process and of its children by kind, each with the
-    children it reaped: Postgres forks a backend per connection, and a backend that exits
-    between two readings must move into its postmaster's total, not vanish from the sum."""
-    own = server.cpu_times()
-    cpu = {"gateway": own.user + own.system, "nats": 0.0, "postgres": 0.0, "other": 0.0}
-    cpu["other"] += own.children_user + own.children_system
-    for child in server.children(recursive=True):
+class ServerTree:
+    """The processes of one `serve`, by what they do. The gateway processes are those listening
+    on the server's port: the serve process itself when it runs everything in one process, or
+    its `--workers` gateway processes, beside a process for the durable consumers (recorder,
+    webhook router) and the supervisor."""
+
+    def __init__(self, server: psutil.Process, port: int):
+        self.server = server
+        self.gateways = sorted(
+            {c.pid for c in psutil.net_connections("tcp") if _listens_on(c, port) and c.pid}
+        )
+
+    def group(self, process: psutil.Process) -> str:
+        if process.pid in self.gateways:
+            return "gateway"
+        if process.pid == self.server.pid:
+            return "supervisor"
+        name = process.name()
+        if "nats" in name:
+            return "nats"
+        if "postgres" in name or "postmaster" in name:
+            return "postgres"
         with contextlib.suppress(psutil.Error):
-            times = child.cpu_times()
-            busy = times.user + times.system + times.children_user + times.children_system
-            cpu[_group(child)] += busy
-    return cpu
+            if "spawn_main" in " ".join(process.cmdline()):
+                return "consumers"
+        return "other"
+
+    def processes(self) -> list[psutil.Process]:
+        return [self.server, *self.server.children(recursive=True)]
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far by group, each process with the children it reaped: Postgres forks
+        a backend per connection, and a backend that exits between two readings must move
+        into its postmaster's total, not vanish from the sum. Gateways also one by one."""
+        cpu = dict.fromkeys(GROUPS, 0.0)
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                busy = times.user + times.system + times.children_user + times.children_system
+                cpu[self.group(process)] += busy
+                if process.pid in self.gateways:
+                    cpu[f"gateway {process.pid}"] = busy
+        return cpu
+
+    def memory(self) -> dict[str, float]:
+        """MiB: the gateway processes' RSS and PSS (summed), the consumers' PSS, and the PSS of
+        the whole tree (shared pages counted once, which RSS summed over Postgres's processes
+        would not)."""
+        rss = pss = consumers = tree = 0.0
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                info = process.memory_full_info()
+                group = self.group(process)
+                tree += info.pss
+                if group == "gateway":
+                    rss += info.rss
+                    pss += info.pss
+                elif group == "consumers":
+                    consumers += info.pss
+        mib = 2**20
+        return {
+            "gateway_rss_mib": round(rss / mib, 1),
+            "gateway_pss_mib": round(pss / mib, 1),
+            "consumers_pss_mib": round(consumers / mib, 1),
+            "tree_pss_mib": round(tree / mib, 1),
+        }
+
+
+def _listens_on(connection: Any, port: int) -> bool:
+    return bool(connection.status == psutil.CONN_LISTEN and connection.laddr.port == port)
 
 
 def consumers_behind(nats_url: str) -> dict[str, int]:
-    """Events the durable consumers (the recorder, the webhook router: in the gateway process
-    here) have yet to take or acknowledge: how far the durable path is behind the bus."""
+    """Events the durable consumers (the recorder, the webhook router) have yet to take or
+    acknowledge: how far the durable path is behind the bus."""
 
     async def ask() -> dict[str, int]:
         client = await nats.connect(nats_url)
@@ -431,27 +487,6 @@ def server_warnings(data_dir: Path) -> dict[str, Any]:
     }
 
 
-def server_memory(server: psutil.Process) -> dict[str, float]:
-    """MiB: the gateway's RSS and PSS (its worker processes included, if serve runs any), and
-    the PSS of the whole tree (shared pages counted once, which RSS summed over Postgres's
-    processes would not)."""
-    info = server.memory_full_info()
-    rss, pss, tree_pss = float(info.rss), float(info.pss), float(info.pss)
-    for child in server.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            child_info = child.memory_full_info()
-            tree_pss += child_info.pss
-            if _group(child) == "gateway":
-                rss += child_info.rss
-                pss += child_info.pss
-    mib = 2**20
-    return {
-        "gateway_rss_mib": round(rss / mib, 1),
-        "gateway_pss_mib": round(pss / mib, 1),
-        "tree_pss_mib": round(tree_pss / mib, 1),
-    }
-
-
 def box_busy() -> tuple[float, float]:
     """(busy CPU seconds of the whole machine, wall seconds), for what everyone else used."""
     times = psutil.cpu_times()
@@ -487,7 +522,8 @@ class Session:
     the server (HTTP for /metrics, psutil for CPU and memory)."""
 
     def __init__(self, args: argparse.Namespace, url: str, key: str, server: psutil.Process):
-        self.args, self.url, self.key, self.server = args, url, key, server
+        self.args, self.url, self.key = args, url, key
+        self.tree = ServerTree(server, int(url.rsplit(":", 1)[1]))
         self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"})
         self.pipes: list[Connection] = []
         self.procs: list[Any] = []
@@ -537,7 +573,7 @@ def _phases(
     data_dir: Path,
     load_start: tuple[float, float, float],
 ) -> dict[str, Any]:
-    http, server = session.http, session.server
+    http, tree = session.http, session.tree
     workspace_id = http.get("/v1/workspace", timeout=30).json()["id"]
     calls = []
     for _ in range(args.calls):
@@ -549,7 +585,7 @@ def _phases(
         response.raise_for_status()
         calls.append(response.json()["id"])
     nats_url = orjson.loads((data_dir / "run.json").read_bytes())["nats_url"]
-    memory_idle = server_memory(server)
+    memory_idle = tree.memory()
 
     # Socket n listens to call n % C, so each worker's share spreads over the calls.
     sockets = [calls[n % len(calls)] for n in range(len(calls) * args.listeners)]
@@ -576,7 +612,7 @@ def _phases(
     open_seconds = time.monotonic() - opening
     if not parent.poll(60) or parent.recv() != "ready":
         raise RuntimeError("the audio publisher did not connect to NATS")
-    memory_open = server_memory(server)
+    memory_open = tree.memory()
 
     phases: list[dict[str, Any]] = []
     number = 0
@@ -597,6 +633,10 @@ def _phases(
         "seconds_per_phase": args.seconds,
         "rounds": args.rounds,
         "workers": args.workers,
+        "gateway_processes": len(session.tree.gateways),
+        # Each gateway process keeps its own /metrics, and one request reaches one of them: the
+        # figures taken from /metrics cover every process only when there is one.
+        "metrics_cover_all_gateways": len(session.tree.gateways) == 1,
         "phases": phases,
         "summary": summarize(phases, args),
         "sockets_closed": len(closed),
@@ -623,10 +663,10 @@ def _phase(
     nats_url: str,
     workspace_id: str,
 ) -> dict[str, Any]:
-    server = session.server
+    tree = session.tree
     session.ask(("phase", number))
     metrics0 = session.metrics()
-    cpu0, driver0, (box0, wall0) = server_cpu(server), _cpu(), box_busy()
+    cpu0, driver0, (box0, wall0) = tree.cpu(), _cpu(), box_busy()
     began = time.time()
     if audio:
         assert session.audio_pipe is not None
@@ -643,7 +683,7 @@ def _phase(
     publish_end = time.monotonic()
     publish_seconds = publish_end - wall0
     metrics_published = session.metrics()
-    memory = server_memory(server)
+    memory = tree.memory()
     behind_published = consumers_behind(nats_url)
 
     # Every call got sent // C events, the first sent % C one more (fanout.publish goes round).
@@ -653,22 +693,25 @@ def _phase(
     )
     audio_expected = published_audio["chunks_per_call"] * len(calls) * args.listeners
 
-    # Settle: until every event arrived and every chunk arrived or was dropped, or the deadline.
+    # Settle: until every event arrived (or was dropped) and every listener has its call's last
+    # chunk of the phase (a full listener buffer drops its oldest chunks, never the newest, so
+    # the last one comes unless something else lost it), or the deadline.
+    last_chunk = published_audio["chunks_per_call"] - 1
     deadline = time.monotonic() + args.settle
     while True:
-        counts = session.ask(("count", number))
+        counts = session.ask(("count", number, last_chunk))
         events = sum(c[0] for c in counts)
-        frames = sum(c[1] for c in counts)
+        finished = sum(c[2] for c in counts)
         metrics1 = session.metrics()
         audio_dropped = metric(metrics1, AUDIO_DROPPED) - metric(metrics0, AUDIO_DROPPED)
         events_dropped = metric(metrics1, DROPPED_EVENTS) - metric(metrics0, DROPPED_EVENTS)
-        settled = (
-            events + events_dropped >= events_expected and frames + audio_dropped >= audio_expected
+        settled = events + events_dropped >= events_expected and (
+            not audio or finished == len(calls) * args.listeners
         )
         if settled or time.monotonic() >= deadline:
             break
         time.sleep(0.05)  # polling a condition, bounded by the deadline
-    cpu1, driver1, (box1, wall1) = server_cpu(server), _cpu(), box_busy()
+    cpu1, driver1, (box1, wall1) = tree.cpu(), _cpu(), box_busy()
     settle_seconds = time.monotonic() - publish_end
     behind_settled = consumers_behind(nats_url)
     reports = session.ask(("report", number))
@@ -716,6 +759,12 @@ def _phase(
         "audio_publish_lag_ms_max": round(published_audio.get("lag_ms_max", 0.0), 1),
         "audio_frames_expected": audio_expected,
         "audio_frames_received": sum(r["audio"] for r in reports),
+        # Chunks a listener never got, before its last one (dropped anywhere: a full listener
+        # buffer, a NATS slow-consumer cut), and listeners without their call's last chunk.
+        "audio_frames_missing_in_sequence": sum(r["gaps"] for r in reports),
+        "audio_listeners_without_last_chunk": len(calls) * args.listeners - finished
+        if audio
+        else 0,
         "audio_bytes_received": sum(r["audio_bytes"] for r in reports),
         "audio_bytes_sent_server": int(audio_sent_bytes),
         "audio_chunks_dropped_server": int(audio_dropped),
@@ -727,6 +776,7 @@ def _phase(
         "server_cpu_by_process": {k: round(v, 2) for k, v in server_used.items()},
         "server_cores": round(server_total / window, 3),
         "gateway_cores": round(server_used["gateway"] / window, 3),
+        "consumers_cores": round(server_used["consumers"] / window, 3),
         "client_worker_cores": [round(c / window, 3) for c in clients],
         "audio_publisher_cores": round(published_audio.get("cpu", 0.0) / window, 3),
         "driver_cores": round((driver1 - driver0) / window, 3),
@@ -742,11 +792,11 @@ def _phase(
 def summarize(phases: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """Medians over the rounds of each kind, and what audio cost the gateway process.
 
-    The cost is read round by round: the gateway's CPU in the audio phase, less what the events
-    alone cost it per second (the round's events phase) over the audio phase's window, divided
-    by the audio frames delivered. The recorder and the webhook router run in the gateway
-    process too: if they fall behind, the difference mixes their work in (see
-    `durable_consumers_behind_*`)."""
+    The cost is read round by round: the gateway processes' CPU in the audio phase, less what
+    the events alone cost them per second (the round's events phase) over the audio phase's
+    window, divided by the audio frames delivered. Where the recorder and the webhook router
+    run in a gateway process (a serve with one process), their work is in that difference
+    too when they fall behind (see `durable_consumers_behind_*`)."""
 
     def median(values: list[float]) -> float:
         return float(statistics.median(values)) if values else float("nan")
@@ -782,8 +832,8 @@ def summarize(phases: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
 def table(result: dict[str, Any]) -> str:
     head = (
         "phase kind          events dlv/exp   ev p50/p95/p99 ms       ev p50 by third ms    "
-        "audio rcv/exp        drop  au/s wrote/offered  au p50/p99 ms    "
-        "server cores (gw)  clients  others  RSS/PSS MiB  load"
+        "audio rcv/exp        gaps  au/s wrote/offered  au p50/p99 ms    "
+        "server cores (gw, cons)  clients  others  RSS/PSS MiB  load"
     )
     lines = [head]
     for p in result["phases"]:
@@ -794,11 +844,11 @@ def table(result: dict[str, Any]) -> str:
             f"{p['event_latency_ms_p50']:>7.1f}/{p['event_latency_ms_p95']:>7.1f}/"
             f"{p['event_latency_ms_p99']:>7.1f}  {third:<21} "
             f"{p['audio_frames_received']:>9}/{p['audio_frames_expected']:<9} "
-            f"{p['audio_chunks_dropped_server']:>6} "
+            f"{p['audio_frames_missing_in_sequence']:>6} "
             f"{p['audio_frames_written_per_s_while_publishing']:>7}/"
             f"{p['audio_frames_offered_per_s']:<8} "
             f"{p['audio_latency_ms_p50']:>7.1f}/{p['audio_latency_ms_p99']:<7.1f} "
-            f"{p['server_cores']:>7.2f} ({p['gateway_cores']:.2f})  "
+            f"{p['server_cores']:>7.2f} ({p['gateway_cores']:.2f}, {p['consumers_cores']:.2f})  "
             f"{max(p['client_worker_cores']):>7.2f} {p['others_cores']:>7.2f} "
             f"{p['memory']['gateway_rss_mib']:>6.0f}/{p['memory']['gateway_pss_mib']:<5.0f} "
             f"{p['load_average_1m']:>5.2f}"
@@ -806,7 +856,7 @@ def table(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines.append(
         f"audio added {s['audio_extra_server_cores']:.3f} server cores "
-        f"({s['audio_extra_gateway_cores']:.3f} in the gateway process), "
+        f"({s['audio_extra_gateway_cores']:.3f} in the gateway processes), "
         f"{s['audio_gateway_us_per_frame']:.1f} us of gateway CPU per audio frame, "
         f"{s['audio_gateway_millicores_per_listener']:.2f} millicores per listener; "
         f"load average {result['load_average_start'][0]} -> {result['load_average_end'][0]}; "
