@@ -599,3 +599,40 @@ async def test_a_call_played_to_its_end_shows_its_quality_and_who_ended_it(
     assert await page.locator("#transcript .turn.final").count() >= 2
     await page.wait_for_selector("button[data-digit='5'][disabled]")
     await console.shot("call-summary")
+
+
+async def test_a_key_press_that_cannot_be_sent_says_so(
+    console: Console,
+    client: httpx.AsyncClient,
+    console_workspace: Workspace,
+    simulator: Simulator,
+) -> None:
+    """The call's socket drops (the test closes it with 1011, as a fault would) and its
+    reconnection is held back: a press meanwhile says it was not sent, and why."""
+    page = console.page
+    call_id = await place_call(client, console_workspace)
+    held = asyncio.Event()
+    sockets: list[Any] = []
+
+    async def route(socket: Any) -> None:
+        sockets.append(socket)
+        if len(sockets) > 1:
+            await held.wait()
+        socket.connect_to_server()
+
+    await page.route_web_socket(f"**/v1/calls/{call_id}/stream*", route)
+    await console.open(f"#/calls/{call_id}")
+    await page.wait_for_selector("#socket-state[data-state=live]")
+    await sockets[0].close(code=1011, reason="test fault")
+    await page.wait_for_selector("#socket-state[data-state=reconnecting]")
+    await page.click("button[data-digit='3']")
+    not_sent = page.locator("#dtmf-results li.error", has_text="3: not sent")
+    await not_sent.wait_for()
+    assert "connection is down" in await not_sent.inner_text()
+    held.set()
+    await page.wait_for_selector("#socket-state[data-state=live]")
+    await page.click("button[data-digit='3']")
+    await page.locator("#dtmf-results li.ok", has_text="3: ok").wait_for()
+    await console.shot("call-keypad-not-sent")
+    await client.delete(f"/v1/calls/{call_id}", headers=console_workspace.headers)
+    await page.wait_for_selector("button[data-digit='3'][disabled]")
