@@ -723,8 +723,8 @@ def _phase(
             thirds[min(2, max(0, int((at - began) / args.seconds * 3)))].append(latency)
     audio_latencies = [x for r in reports for x in r["audio_latencies"]]
     window = wall1 - wall0
-    server_used = {k: cpu1[k] - cpu0[k] for k in cpu1}
-    server_total = sum(server_used.values())
+    server_used = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
+    server_total = sum(server_used[group] for group in GROUPS)  # not the gateways one by one
     clients = [r["cpu"] for r in reports]
     ours = server_total + sum(clients) + (driver1 - driver0) + published_audio.get("cpu", 0.0)
     audio_sent_bytes = metric(metrics1, AUDIO_SENT) - metric(metrics0, AUDIO_SENT)

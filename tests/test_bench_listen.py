@@ -25,7 +25,13 @@ def test_listen_benchmark_accounts_for_every_event_and_chunk() -> None:
         assert phase["events_delivered"] == phase["events_expected"]
         assert phase["events_dropped_server"] == 0
         assert 0 < phase["event_latency_ms_p50"] <= phase["event_latency_ms_p99"]
-        assert phase["server_cpu_by_process"]["gateway"] > 0
+        by_process = phase["server_cpu_by_process"]
+        assert by_process["gateway"] > 0
+        one_by_one = [v for k, v in by_process.items() if k.startswith("gateway ")]
+        assert len(one_by_one) == result["gateway_processes"]
+        assert sum(one_by_one) == pytest.approx(by_process["gateway"], abs=0.05)
+        groups = [v for k, v in by_process.items() if not k.startswith("gateway ")]
+        assert phase["server_cpu_seconds"] == pytest.approx(sum(groups), abs=0.05)
         assert phase["memory"]["gateway_rss_mib"] > 0
     events, audio = result["phases"]
 
