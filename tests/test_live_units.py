@@ -234,3 +234,57 @@ async def test_unlisten_forgets_queued_audio_and_a_second_listen_keeps_the_buffe
     assert await box.next(audio=True) == "event"
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(box.next(audio=True), 0.05)
+
+
+async def test_a_frame_goes_straight_to_the_socket_only_when_nothing_waits_before_it() -> None:
+    written: list[bytes | str] = []
+    accepting = True
+
+    def direct(frame: bytes | str) -> bool:
+        if accepting:
+            written.append(frame)
+        return accepting
+
+    outbox = Outbox(4, gap=lambda n, cursor: f"gap {n} {cursor}".encode())
+    outbox.direct = direct
+    assert outbox.offer(b"a", 1, "t1")  # the writer is not waiting yet: queued
+    assert written == [] and len(outbox) == 1
+    assert await outbox.next() == b"a"
+    waiting = asyncio.ensure_future(outbox.next())
+    await asyncio.sleep(0)  # let the writer park in `next` (it is idle now)
+    assert outbox.idle
+    assert outbox.offer(b"b", 2, "t2") and written == [b"b"] and len(outbox) == 0
+    assert outbox.last_cursor == "t2"
+    outbox.skip_through = 3
+    assert outbox.offer(b"replayed", 3) and written == [b"b"]  # the replay sent it
+    accepting = False  # the client is behind: frames queue, in order, behind the first
+    assert outbox.offer(b"c", 4)
+    accepting = True
+    assert outbox.offer(b"d", 5)
+    assert written == [b"b"] and len(outbox) == 2
+    assert await waiting == b"c"
+    assert await outbox.next() == b"d"
+    outbox.push_priority(b"reply")  # a reply waiting: nothing overtakes it
+    assert outbox.offer(b"e", 6) and written == [b"b"]
+    outbox.end(Terminal(Ending.CALL_COMPLETED))
+    assert not outbox.offer(b"f", 7)  # after the end, nothing
+
+
+def test_direct_framing_is_what_the_server_would_have_written() -> None:
+    from websockets.frames import Frame as WsFrame
+    from websockets.frames import Opcode
+    from websockets.streams import StreamReader
+
+    from switchboard.live.direct import http_chunk, websocket_text
+
+    assert http_chunk(b"data: x\n\n") == b"9\r\ndata: x\n\n\r\n"
+    for size in (5, 125, 126, 65535, 65536):
+        text = "é" * (size // 2) + "x" * (size % 2)
+        reader = StreamReader()
+        reader.feed_data(websocket_text(text))
+        parser = WsFrame.parse(reader.read_exact, mask=False)
+        try:
+            next(parser)
+        except StopIteration as done:
+            frame = done.value
+        assert frame.opcode is Opcode.TEXT and frame.fin and frame.data == text.encode()

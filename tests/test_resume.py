@@ -17,8 +17,9 @@ from nats.aio.client import Client
 from websockets.asyncio.client import connect as ws_connect
 
 from switchboard.client.sse import SseEvent, sse_events
+from switchboard.live.history import stored_call
 from switchboard.producer import Producer
-from tests.harness import ServerThread, Workspace
+from tests.harness import ServerThread, Workspace, eventually
 from tests.test_streams import ws_url
 
 WAIT = 10.0
@@ -330,6 +331,12 @@ async def test_a_call_socket_resumes_after_the_last_event_id_it_saw(
             payload={"turn_id": f"trn_{n}", "interrupted_text": f"b{n}"},
         )
 
+    # The API's call.initiated reaches the bus through the outbox relay, just after the 2xx:
+    # wait for it, or barge(1) may be stored first.
+    async def initiated() -> bool:
+        return (await stored_call(producer.client, workspace.id, call_id)).initiated
+
+    await eventually(initiated)
     await barge(1)
     async with ws_connect(ws_url(server, call_id), additional_headers=workspace.headers) as ws:
         received = [orjson.loads(await asyncio.wait_for(ws.recv(), WAIT)) for _ in range(2)]

@@ -71,8 +71,13 @@ def log_refusal(method: str, path: str, status: int, request_id: str) -> None:
 CONNECTION_EXTENSION = "switchboard.connection"
 
 
-def with_abort(scope: Any, transport: asyncio.Transport) -> None:
-    scope.setdefault("extensions", {})[CONNECTION_EXTENSION] = {"abort": transport.abort}
+def with_abort(scope: Any, transport: asyncio.Transport, protocol: Any) -> None:
+    """Lets a stream reach its connection: to drop it at once (`abort`), and to write frames
+    straight into it (`protocol`, see live/direct.py)."""
+    scope.setdefault("extensions", {})[CONNECTION_EXTENSION] = {
+        "abort": transport.abort,
+        "protocol": protocol,
+    }
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -147,7 +152,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._stalled_bytes = 0
-        with_abort(self.scope, self.transport)
+        with_abort(self.scope, self.transport, self)
         super().on_headers_complete()
         if self.parser.should_upgrade() and not self._should_upgrade():
             # An upgrade we do not speak (h2c, say) is answered as plain HTTP/1.1, but the
@@ -234,7 +239,7 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             super().handle_connect(event)
             if hasattr(self, "scope"):  # not when the handshake was refused
                 # The application task is scheduled, not started: it sees the extension.
-                with_abort(self.scope, self.transport)
+                with_abort(self.scope, self.transport, self)
         except UnicodeError:
             # uvicorn re-encodes the path as ASCII; `websockets` let a non-ASCII one through.
             self._refuse_unparsed()

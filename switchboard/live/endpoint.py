@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from starlette.types import Message, Scope, Send
 
@@ -127,3 +128,9 @@ def hang_up_of_this_connection(scope: Scope) -> Callable[[], object]:
     task = asyncio.current_task()
     assert task is not None  # called from the stream's own task
     return task.cancel
+
+
+def protocol_of_this_connection(scope: Scope) -> Any | None:
+    """The server protocol object of the current request (our uvicorn protocols put it in the
+    scope's extensions), for direct writes; None under another server."""
+    return scope.get("extensions", {}).get(CONNECTION_EXTENSION, {}).get("protocol")

@@ -63,6 +63,11 @@ class Outbox:
         self._reply_room.set()
         # The audio waiting for this client while it listens; None while it does not.
         self.audio: AudioBuffer | None = None
+        # Writes a frame straight to the client's socket, or says it cannot (live/direct.py);
+        # set once the stream is live. Used only while the writer waits with nothing queued,
+        # so a direct frame can never overtake one on the writer's path.
+        self.direct: Callable[[Frame], bool] | None = None
+        self.idle = False  # the writer is waiting in `next` with nothing to write
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -77,6 +82,21 @@ class Outbox:
         before them, so the client knows and can resume from there."""
         if self._terminal is not None or self.aborted:
             return False
+        direct = self.direct
+        if (
+            direct is not None
+            and self.idle
+            and not self._frames
+            and not self._priority
+            and not self.owed_gap
+        ):
+            if 0 < seq <= self.skip_through:
+                return True  # the replay sent it
+            if direct(frame):
+                if cursor is not None:
+                    self.last_cursor = cursor
+                self.last_write = asyncio.get_running_loop().time()
+                return True
         if len(self._frames) >= self.capacity:
             self.dropped += 1
             self.owed_gap += 1
@@ -217,5 +237,9 @@ class Outbox:
                 if chunk is not None:
                     return chunk
             self._ready.clear()
-            await self._ready.wait()
+            self.idle = True
+            try:
+                await self._ready.wait()
+            finally:
+                self.idle = False
         return None

@@ -30,7 +30,13 @@ from switchboard.events import (
     workspace_events_subject,
 )
 from switchboard.live.cursor import cursor_text
-from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
+from switchboard.live.direct import SseDirect
+from switchboard.live.endpoint import (
+    StreamEndpoint,
+    hang_up_of_this_connection,
+    protocol_of_this_connection,
+    timed_send,
+)
 from switchboard.live.frames import (
     SSE_HEADERS,
     SSE_HEARTBEAT,
@@ -87,6 +93,9 @@ async def pump_sse(
         await send({"type": "http.response.body", "body": sse_retry(), "more_body": True})
         if before_live is not None:
             await before_live(send)
+        protocol = protocol_of_this_connection(scope)
+        if protocol is not None:
+            outbox.direct = SseDirect(protocol, metrics.frames_sent, kind)
         while True:
             item = await outbox.next()
             if outbox.aborted:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import orjson
 from nats.errors import NoRespondersError
@@ -28,7 +29,13 @@ from switchboard.events import (
     subject_mismatch,
 )
 from switchboard.live.audio import AudioBuffer, AudioChunk
-from switchboard.live.endpoint import StreamEndpoint, hang_up_of_this_connection, timed_send
+from switchboard.live.direct import WebSocketDirect
+from switchboard.live.endpoint import (
+    StreamEndpoint,
+    hang_up_of_this_connection,
+    protocol_of_this_connection,
+    timed_send,
+)
 from switchboard.live.frames import (
     CommandError,
     Ending,
@@ -125,7 +132,8 @@ class CallEventSocket(StreamEndpoint):
                     # (the socket is subscribed); close after it, or after a bound if it does not.
                     loop = asyncio.get_running_loop()
                     loop.call_later(ENDED_GRACE, outbox.end, Terminal(Ending.CALL_COMPLETED))
-                await self._session(principal, call_id, outbox, receive, send, replayed)
+                protocol = protocol_of_this_connection(scope)
+                await self._session(principal, call_id, outbox, receive, send, replayed, protocol)
             except OSError:  # the client went away mid-replay (uvicorn's ClientDisconnected)
                 return
             finally:
@@ -186,12 +194,22 @@ class CallEventSocket(StreamEndpoint):
         receive: Receive,
         send: Send,
         replayed: set[str],
+        protocol: Any | None,
     ) -> None:
         # request_id -> set once its command.result is queued; the writer holds back this
         # sender's copy of the matching call.dtmf_sent until then, so the sender always sees
         # its result first (the two travel on different NATS subscriptions).
         answered: dict[str, asyncio.Event] = {}
         writer = asyncio.create_task(self._write(outbox, send, answered, replayed))
+        if protocol is not None:
+            # Frames skip the writer unless it must see them: a DTMF result to order, the
+            # live copies of a replay to skip.
+            outbox.direct = WebSocketDirect(
+                protocol,
+                self.services.metrics.frames_sent,
+                self.kind,
+                lambda: bool(answered) or bool(replayed),
+            )
         # However the writer ends (its close sent, the client gone), the reader stops waiting.
         writer.add_done_callback(lambda _: outbox.abort())
         commands: set[asyncio.Task[None]] = set()
