@@ -365,7 +365,8 @@ async def test_a_failed_delivery_is_redelivered_from_the_page(
         conn = await asyncpg.connect(database_url)
         try:
             await conn.execute(
-                "UPDATE webhook_deliveries SET status = 'failed' WHERE workspace_id = $1",
+                "UPDATE webhook_deliveries SET status = 'failed', "
+                "next_attempt_at = now() + interval '1 day' WHERE workspace_id = $1",
                 console_workspace.id,
             )
         finally:
