@@ -116,7 +116,8 @@ export async function boardView(ctx) {
       const ended = all.filter((c) => c.status !== "in_progress").sort((a, b) => (b.ended_at || "").localeCompare(a.ended_at || ""));
       const convs = [...conversations.values()].sort((a, b) =>
         (b.last_message_at || b.updated_at || "").localeCompare(a.last_message_at || a.updated_at || ""));
-      draw(liveList, live, (c) => c.id, liveRow, "No live calls right now. Calls appear here the moment they start.");
+      draw(liveList, live, (c) => c.id, liveRow, ["No live calls right now; they appear here the moment they start. To see some, run ",
+        el("code", {}, "switchboard simulate"), " (or start the server with ", el("code", {}, "--demo"), ")."]);
       draw(endedList, ended, (c) => c.id, endedRow, "No ended calls yet.");
       draw(convList, convs, (v) => v.id, convRow, "No conversations yet. An SMS or WhatsApp message starts one.");
       ctx.app.querySelector("#count-live").textContent = `${live.length}${more.live ? "+" : ""}`;
