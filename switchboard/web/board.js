@@ -245,7 +245,7 @@ export async function boardView(ctx) {
   // --- the stream, then the lists --------------------------------------------------------------
 
   const controller = new AbortController();
-  ctx.onLeave(() => controller.abort());
+  ctx.onLeave(() => { controller.abort(); ctx.app.classList.remove("stale"); });
   let loaded = false;
   const early = [];
   let firstLive = null;
@@ -256,6 +256,7 @@ export async function boardView(ctx) {
     onState: (state, text) => {
       const words = { connecting: "Connecting…", live: "Live", reconnecting: "Reconnecting… missed events will be recovered" };
       ctx.connection(state, state === "error" ? `Error: ${text}` : words[state]);
+      ctx.app.classList.toggle("stale", state === "reconnecting" || state === "error");  // may be behind
       if (state === "live" || state === "error") firstLive();
     },
     onResumed: (n) => {
