@@ -380,6 +380,11 @@ async def test_a_failed_delivery_is_redelivered_from_the_page(
         await endpoint.locator("li.delivery[data-status=succeeded]").wait_for(timeout=20000)
         done = endpoint.locator("li.delivery[data-status=succeeded]")
         assert await done.locator("ol.attempts li.ok", has_text="HTTP 200").count() == 1
+        # Its filter edited: every event type.
+        await endpoint.locator("button.edit-filter").click()
+        await endpoint.locator("input[value='call.idle_silence']").uncheck()
+        await endpoint.locator("button", has_text="Save filter").click()
+        await endpoint.locator("text=every event type").wait_for()
         # Disabled, then enabled again; rotated, the new secret shown once.
         await endpoint.locator("button.toggle").click()
         await endpoint.locator(".badge[data-enabled=false]").wait_for()

@@ -94,6 +94,24 @@ export async function webhooksView(ctx) {
             "Put it in the receiver's configuration; it cannot be shown again."));
         } catch (error) { action.replaceChildren(errorBox(error)); }
       }));
+    const edit = el("button", { type: "button", class: "edit-filter" }, "Edit filter");
+    edit.addEventListener("click", () => {
+      const ticks = CATALOGUE.map((type) => el("label", { class: "check" },
+        el("input", { type: "checkbox", value: type, checked: hook.event_types?.includes(type) || null }), type));
+      const save = el("button", { type: "button", class: "primary" }, "Save filter");
+      const cancel = el("button", { type: "button" }, "Cancel");
+      save.addEventListener("click", async () => {
+        const types = ticks.map((t) => t.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
+        try {
+          const updated = await api(`/v1/webhooks/${hook.id}`, { method: "PATCH", body: JSON.stringify({ event_types: types.length ? types : null }) });
+          node.replaceWith(endpoint(updated, node.hasAttribute("data-open")));
+        } catch (error) { action.append(errorBox(error)); }
+      });
+      cancel.addEventListener("click", () => action.replaceChildren());
+      action.replaceChildren(el("fieldset", { class: "alert" },
+        el("legend", {}, "Event types sent to this endpoint (none ticked: every event)"),
+        el("div", { class: "checks" }, ...ticks), el("div", { class: "row" }, save, cancel)));
+    });
     const remove = el("button", { type: "button", class: "danger-text" }, "Delete");
     remove.addEventListener("click", () => confirmInline(action,
       "Deleting stops every delivery to this URL, including those waiting for a retry.", "Delete endpoint",
@@ -130,7 +148,7 @@ export async function webhooksView(ctx) {
         el("span", {}, hook.event_types ? `only ${hook.event_types.join(", ")}` : "every event type"),
         el("span", { class: "muted" }, `added ${when(hook.created_at)}`),
         hook.secret_rotated_until ? el("span", { class: "muted" }, `previous secret signs until ${when(hook.secret_rotated_until)}`) : null),
-      el("div", { class: "row buttons" }, toggle, test, rotate, logButton, remove),
+      el("div", { class: "row buttons" }, toggle, test, edit, rotate, logButton, remove),
       action, testResult, log);
     if (logOpen) showLog(true);
     return node;
