@@ -327,6 +327,9 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         access_log=False,
         log_config=None,
         server_header=False,
+        # No X-Forwarded-For rewriting: nothing here uses the client's address, and the
+        # middleware would sit in every stream's call chain for its whole life.
+        proxy_headers=False,
         timeout_graceful_shutdown=int(max(1, settings.shutdown_grace)),
         timeout_keep_alive=30,
         # uvicorn pings every heartbeat and closes (1011) a peer that does not pong in time.

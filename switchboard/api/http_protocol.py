@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -98,6 +99,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._stalled_bytes = 0
         self._done = False  # refused or upgraded: this protocol reads no more
+        self._lost: list[Callable[[], object]] | None = None
+
+    def when_lost(self, callback: Callable[[], object]) -> None:
+        """Runs `callback` once the connection is lost (at once if it is already): how a stream
+        learns its client left without a task of its own waiting on `receive`."""
+        if self.transport.is_closing() or (self.cycle is not None and self.cycle.disconnected):
+            callback()
+            return
+        if self._lost is None:
+            self._lost = []
+        self._lost.append(callback)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        callbacks, self._lost = self._lost, None
+        for callback in callbacks or ():
+            callback()
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()

@@ -1,8 +1,9 @@
 """The per-workspace quotas at the door (SPEC 6, "Limits"): every authenticated `/v1` request
 counts against its workspace's requests a minute, and every stream holds one of its open-stream
 slots until it ends. Over either, 429 `RATE_LIMITED` with `Retry-After` and the
-`X-RateLimit-*` headers; an admitted plain response carries the request-rate headers too, so a
-client can pace itself before it is refused."""
+`X-RateLimit-*` headers; an admitted response that is not a stream carries the request-rate
+headers too, so a client can pace itself before it is refused (a stream's would be stale at
+once, and wrapping its every write for hours costs memory for nothing)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,8 @@ class WorkspaceLimits:
             self.refused["requests_per_minute"] += 1
             await send_error(scope, send, refusal(verdict, "requests a minute"))
             return
-        send = with_rate_headers(send, verdict)
         if not is_stream_path(scope["path"]):
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, with_rate_headers(send, verdict))
             return
         slot = self.limits.open_stream(workspace_id)
         if not slot.allowed:

@@ -190,6 +190,11 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await send_error(scope, send, body_too_large(self.max_bytes))
             return
+        if is_stream_path(scope["path"]):
+            # A stream never reads a body, so nothing is buffered, and it lives for hours:
+            # no wrappers held for its lifetime.
+            await self.app(scope, receive, send)
+            return
         received = 0
         over = started = False
 

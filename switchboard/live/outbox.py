@@ -12,7 +12,6 @@ waiting, so audio never delays an event and an event never waits for room behind
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 from typing import Literal, overload
 
@@ -39,16 +38,20 @@ class Outbox:
         self.dropped = 0
         # (sequence, frame): the sequence is the frame's JetStream position, 0 for frames that
         # have none (a gap notice), so the writer can skip what a replay already sent.
-        self._frames: deque[tuple[int, Frame]] = deque()
+        # Lists, not deques: at most `capacity` items, and an empty deque costs 600 bytes more
+        # than an empty list, for each of thousands of idle streams.
+        self._frames: list[tuple[int, Frame]] = []
         self.gap = gap
         self.owed_gap = 0  # frames dropped since the last one queued: a gap notice is owed
         self.last_cursor: str | None = None  # of the last frame queued (or replayed)
         self.skip_through = 0  # frames at or below this sequence were sent by a replay
         # The event types this client asked for (the workspace stream's filter); None: all.
         self.wants = wants
-        self._priority: deque[Frame] = deque()
+        self._priority: list[Frame] = []
         self._terminal: Terminal | None = None
-        self._ready = asyncio.Event()
+        # What the writer waits on in `next`, made when it waits (an asyncio.Event holds a
+        # deque of its own): set by whatever gives it something to do.
+        self._waiter: asyncio.Future[None] | None = None
         self._on_drop = on_drop
         self.aborted = False
         # Loop time of the last write to the client, kept by its writer; the registry's ticker
@@ -59,8 +62,8 @@ class Outbox:
         # server's send waits for the socket to drain, forever if the client reads nothing, so
         # the ticker reads this to find clients that have stopped accepting bytes.
         self.writing_since: float | None = None
-        self._reply_room = asyncio.Event()
-        self._reply_room.set()
+        # What the command reader waits on while the replies owed are at the bound.
+        self._room: asyncio.Future[None] | None = None
         # The audio waiting for this client while it listens; None while it does not.
         self.audio: AudioBuffer | None = None
         # Writes a frame straight to the client's socket, or says it cannot (live/direct.py);
@@ -109,7 +112,7 @@ class Outbox:
         self._frames.append((seq, frame))
         if cursor is not None:
             self.last_cursor = cursor
-        self._ready.set()
+        self._wake()
         return True
 
     def listen(self, buffer: AudioBuffer) -> None:
@@ -127,7 +130,7 @@ class Outbox:
         if self.audio is None or self._terminal is not None or self.aborted:
             return False
         self.audio.push(chunk)
-        self._ready.set()
+        self._wake()
         return True
 
     def discard_for_replay(self) -> bool:
@@ -141,35 +144,48 @@ class Outbox:
 
     def _skip_replayed(self) -> None:
         while self._frames and 0 < self._frames[0][0] <= self.skip_through:
-            self._frames.popleft()
+            self._frames.pop(0)
 
     def request_heartbeat(self) -> None:
         self.heartbeat_due = True
-        self._ready.set()
+        self._wake()
 
     def push_priority(self, frame: Frame) -> None:
         """A reply to this client's own command: ahead of the stream, outside the frame bound.
         Replies have their own bound, kept by the reader (see `reply_room`)."""
         self._priority.append(frame)
-        if len(self._priority) >= self.capacity:
-            self._reply_room.clear()
-        self._ready.set()
+        self._wake()
 
     async def reply_room(self) -> None:
         """Returns once fewer than `capacity` replies are queued, or the outbox was aborted. A
         client that sends commands but reads nothing is then held back by TCP (its commands
         stay unread) instead of growing the replies owed to it."""
-        await self._reply_room.wait()
+        while len(self._priority) >= self.capacity and not self.aborted:
+            self._room = asyncio.get_running_loop().create_future()
+            try:
+                await self._room
+            finally:
+                self._room = None
 
     def _replies_taken(self) -> None:
         if len(self._priority) < self.capacity:
-            self._reply_room.set()
+            self._free_room()
+
+    def _free_room(self) -> None:
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def end(self, terminal: Terminal) -> None:
         """Ends the stream after what is already queued; the first ending wins."""
         if self._terminal is None:
             self._terminal = terminal
-            self._ready.set()
+            self._wake()
 
     def end_now(self, terminal: Terminal) -> None:
         """Ends the stream before anything still queued (revocation, drain)."""
@@ -183,8 +199,8 @@ class Outbox:
         self._frames.clear()
         self._priority.clear()
         self.audio = None
-        self._ready.set()
-        self._reply_room.set()
+        self._wake()
+        self._free_room()
 
     def take_priority(self) -> list[Frame]:
         replies = list(self._priority)
@@ -197,7 +213,7 @@ class Outbox:
         batch: list[Frame] = []
         self._skip_replayed()
         while self._frames and len(batch) < limit:
-            batch.append(self._frames.popleft()[1])
+            batch.append(self._frames.pop(0)[1])
             self._skip_replayed()
         return batch
 
@@ -218,12 +234,12 @@ class Outbox:
                 self.heartbeat_due = False
                 return None
             if self._priority:
-                reply = self._priority.popleft()
+                reply = self._priority.pop(0)
                 self._replies_taken()
                 return reply
             self._skip_replayed()
             if self._frames:
-                return self._frames.popleft()[1]
+                return self._frames.pop(0)[1]
             if self.owed_gap and self.gap is not None:
                 # Caught up after drops with nothing newer to precede: say so now, not only
                 # before a next frame that may never come (the call may have gone quiet).
@@ -236,10 +252,13 @@ class Outbox:
                 chunk = self.audio.pop()
                 if chunk is not None:
                     return chunk
-            self._ready.clear()
+            # Nothing to do: wait to be woken. Nothing can wake the writer between the checks
+            # above and this (one thread), so no wake-up is lost.
+            self._waiter = asyncio.get_running_loop().create_future()
             self.idle = True
             try:
-                await self._ready.wait()
+                await self._waiter
             finally:
                 self.idle = False
+                self._waiter = None
         return None

@@ -87,13 +87,17 @@ async def pump_sse(
         hang_up=hang_up_of_this_connection(scope),
     )
     send = timed_send(send, outbox)
-    listener = asyncio.create_task(_watch_disconnect(receive, outbox))
+    protocol = protocol_of_this_connection(scope)
+    listener: asyncio.Task[None] | None = None
+    if protocol is not None and hasattr(protocol, "when_lost"):
+        protocol.when_lost(outbox.abort)  # no task per stream waiting on `receive`
+    else:
+        listener = asyncio.create_task(_watch_disconnect(receive, outbox))
     try:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         await send({"type": "http.response.body", "body": sse_retry(), "more_body": True})
         if before_live is not None:
             await before_live(send)
-        protocol = protocol_of_this_connection(scope)
         if protocol is not None:
             outbox.direct = SseDirect(protocol, metrics.frames_sent, kind)
         while True:
@@ -113,9 +117,10 @@ async def pump_sse(
             metrics.frames_sent[kind] += len(batch)
     finally:
         services.registry.remove(outbox)
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
 
 
 def body_writer(send: Send) -> SendFrames:
