@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import platform
@@ -140,7 +141,11 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
+def start_server(
+    data_dir: Path, server_workers: int | None = None
+) -> tuple[subprocess.Popen[str], str, str]:
+    """`serve` on the embedded default; `server_workers` gateway processes (default: its own
+    default, one per core)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     env["SWITCHBOARD_LOG_LEVEL"] = "warning"
     # Every stream of a benchmark is in one workspace: lift its quotas (SPEC 6, Limits) rather
@@ -148,7 +153,11 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
     env["SWITCHBOARD_WORKSPACE_MAX_STREAMS"] = "1000000"
     env["SWITCHBOARD_WORKSPACE_RATE_PER_MINUTE"] = "100000000"
     process = subprocess.Popen(
-        [sys.executable, "-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        [
+            *(sys.executable, "-m", "switchboard", "serve", "--port", "0"),
+            *("--data-dir", str(data_dir)),
+            *(("--workers", str(server_workers)) if server_workers else ()),
+        ],
         stdout=subprocess.PIPE,
         # The server's log goes beside its data, so the report on stdout stays clean JSON.
         stderr=open(data_dir / "server.log", "w"),  # noqa: SIM115 - lives as long as the server
@@ -165,6 +174,30 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
         if line.startswith("  Try:"):
             break
     return process, url, key
+
+
+def tree(server: psutil.Process) -> list[psutil.Process]:
+    """The server and everything it started: its workers, NATS and Postgres."""
+    return [server, *server.children(recursive=True)]
+
+
+def tree_cpu(server: psutil.Process) -> float:
+    """CPU seconds (user + system) of the server's whole process tree."""
+    total = 0.0
+    for process in tree(server):
+        with contextlib.suppress(psutil.Error):
+            total += sum(process.cpu_times()[:2])
+    return total
+
+
+def tree_pss(server: psutil.Process) -> int:
+    """Proportional set size of the whole tree: shared pages (Postgres' buffers, the
+    interpreter) counted once, not once per process."""
+    total = 0
+    for process in tree(server):
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_full_info().pss
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -197,16 +230,29 @@ def machine() -> str:
 
 
 async def publish(
-    nats_url: str, workspace_id: str, calls: list[str], rate: float, seconds: float, kinds: set[str]
+    nats_url: str,
+    workspace_id: str,
+    calls: list[str],
+    rate: float,
+    seconds: float,
+    kinds: set[str],
+    burst: bool = False,
 ) -> tuple[int, float]:
     """Publishes `rate` events per call per second for `seconds`, the calls staggered evenly
-    across each interval as independent calls would be; returns (sent, achieved/s)."""
+    across each interval as independent calls would be, or with `burst` every call in the same
+    instant at the start of each interval (a media plane under load flushes together); returns
+    (sent, achieved/s)."""
     client = await nats.connect(nats_url)
     sent = 0
     step = 1.0 / rate / len(calls)
     started = time.monotonic()
     tick = 0
     while time.monotonic() - started < seconds:
+        if burst and tick % len(calls) == 0:
+            # Wait for the interval's start, then publish every call's event back to back.
+            delay = started + (tick // len(calls)) / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
         call_id = calls[tick % len(calls)]
         now = time.time()
         if "sse" in kinds:
@@ -229,6 +275,8 @@ async def publish(
             await client.publish(call_events_subject(workspace_id, call_id), orjson.dumps(envelope))
         sent += 1
         tick += 1
+        if burst:
+            continue
         delay = started + tick * step - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -241,7 +289,7 @@ async def publish(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as scratch:
-        process, url, key = start_server(Path(scratch))
+        process, url, key = start_server(Path(scratch), args.server_workers)
         server = psutil.Process(process.pid)
         try:
             result = _measure(args, url, key, server, Path(scratch))
@@ -276,7 +324,7 @@ def _measure(
     for n in range(args.streams):
         kind = ("sse", "ws")[n % 2] if args.kind == "mixed" else args.kind
         streams.append((kind, calls[n % len(calls)]))
-    rss_before = server.memory_info().rss
+    pss_before = tree_pss(server)
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     for w in range(args.workers):
@@ -290,15 +338,15 @@ def _measure(
             raise RuntimeError("a client worker did not open its streams (see its traceback)")
     opened = sum(pipe.recv()[1] for pipe in pipes)
     time.sleep(1.0)  # let the server settle after the connection storm before measuring memory
-    rss_open = server.memory_info().rss
+    pss_open = tree_pss(server)
     metrics_before = http.get("/metrics").text
-    cpu_before = sum(server.cpu_times()[:2])
+    cpu_before = tree_cpu(server)
     nats_url = orjson.loads((data_dir / "run.json").read_bytes())["nats_url"]
     sent, achieved = asyncio.run(
-        publish(nats_url, workspace_id, calls, args.rate, args.seconds, kinds)
+        publish(nats_url, workspace_id, calls, args.rate, args.seconds, kinds, args.burst)
     )
     time.sleep(1.0)  # the last frames in flight
-    cpu_used = sum(server.cpu_times()[:2]) - cpu_before
+    cpu_used = tree_cpu(server) - cpu_before
     metrics_after = http.get("/metrics").text
     for pipe in pipes:
         pipe.send("stop")
@@ -330,8 +378,11 @@ def _measure(
         "latency_ms_p95": round(percentile(latencies, 0.95) * 1000, 2),
         "latency_ms_p99": round(percentile(latencies, 0.99) * 1000, 2),
         "server_cpu_seconds": round(cpu_used, 2),
-        "server_rss_mib_open": round(rss_open / 2**20, 1),
-        "rss_kib_per_stream": round((rss_open - rss_before) / 1024 / max(1, opened), 1),
+        "server_workers": args.server_workers or "default",
+        "burst": args.burst,
+        "cpu_s_per_100k_frames": round(cpu_used / max(1, frames) * 1e5, 2),
+        "server_pss_mib_open": round(pss_open / 2**20, 1),
+        "pss_kib_per_stream": round((pss_open - pss_before) / 1024 / max(1, opened), 1),
         # CPU each client worker used while events flowed, as a share of one core: well under
         # 1.0 means the load generator kept up and the figures are the server's.
         "client_worker_core_share": [round(c / (args.seconds + 1.0), 2) for c in client_cpu],
@@ -349,6 +400,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--kind", choices=["sse", "ws", "mixed"], default="mixed")
     parser.add_argument("--workers", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--server-workers", type=int, default=None, help="serve --workers (default: its own)"
+    )
+    parser.add_argument(
+        "--burst", action="store_true", help="every call publishes in the same instant"
+    )
     args = parser.parse_args()
     result = run(args)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())

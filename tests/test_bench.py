@@ -15,7 +15,16 @@ pytestmark = pytest.mark.slow
 
 def test_fanout_benchmark_runs_and_accounts_for_every_frame() -> None:
     result = run(
-        argparse.Namespace(streams=20, calls=2, rate=10.0, seconds=1.0, kind="mixed", workers=1)
+        argparse.Namespace(
+            streams=20,
+            calls=2,
+            rate=10.0,
+            seconds=1.0,
+            kind="mixed",
+            workers=1,
+            server_workers=2,
+            burst=True,
+        )
     )
     assert result["streams"] == 20
     assert result["frames_delivered"] + result["frames_dropped_server"] == result["frames_expected"]
