@@ -66,6 +66,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "NOT_FOUND"),
         (413, "INVALID_ARGUMENT: the body is over SWITCHBOARD_MAX_BODY_BYTES"),
         (431, "INVALID_ARGUMENT: the request head is over SWITCHBOARD_MAX_HEADER_BYTES"),
+        (
+            429,
+            "RATE_LIMITED: the workspace is over SWITCHBOARD_WORKSPACE_RATE_PER_MINUTE requests "
+            "a minute or SWITCHBOARD_WORKSPACE_MAX_STREAMS open streams, across all replicas; "
+            "see Retry-After and X-RateLimit-Limit / -Remaining / -Reset",
+        ),
         (500, "INTERNAL: a bug; the body never carries a stack trace"),
         (503, "UNAVAILABLE: a dependency is down and nothing was changed; see Retry-After"),
         (504, "DEADLINE_EXCEEDED"),
