@@ -91,6 +91,9 @@ class Tally:
         default_factory=lambda: defaultdict(list)
     )
     gaps: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
+    # `stream.gap` notices: the server dropped events for a socket and says how many.
+    gap_notices: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
+    events_in_gaps: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
     out_of_order: int = 0  # a chunk older than one its socket already had: must stay 0
     wrong_size: int = 0  # a binary frame that is not 640 bytes: must stay 0
     other_text: int = 0  # replayed history, command results
@@ -221,7 +224,10 @@ class Listener(asyncio.Protocol):
                 tally.sent_times[phase].append(sent)
             return
         tally.other_text += 1
-        if b'"command.result"' in text:
+        if b'"stream.gap"' in text:
+            tally.gap_notices[tally.phase] += 1
+            tally.events_in_gaps[tally.phase] += int(orjson.loads(text).get("dropped") or 0)
+        elif b'"command.result"' in text:
             result = orjson.loads(text)
             if result.get("ok") is True:
                 tally.listening += 1
@@ -287,6 +293,8 @@ def worker(plan: Plan, conn: Connection) -> None:
                         "sent_times": tally.sent_times[phase],
                         "audio": tally.audio[phase],
                         "gaps": tally.gaps[phase],
+                        "gap_notices": tally.gap_notices[phase],
+                        "events_in_gaps": tally.events_in_gaps[phase],
                         "audio_bytes": tally.audio_bytes[phase],
                         "audio_latencies": tally.audio_latencies[phase],
                         "cpu": _cpu() - cpu_at[phase],
@@ -747,6 +755,9 @@ def _phase(
         "events_expected": events_expected,
         "events_delivered": sum(r["events"] for r in reports),
         "events_dropped_server": int(events_dropped),
+        # What the sockets were told they missed (`stream.gap` notices and their counts).
+        "event_gap_notices": sum(r["gap_notices"] for r in reports),
+        "events_in_gap_notices": sum(r["events_in_gaps"] for r in reports),
         "event_latency_ms_p50": ms(latencies, 0.50),
         "event_latency_ms_p95": ms(latencies, 0.95),
         "event_latency_ms_p99": ms(latencies, 0.99),
