@@ -508,7 +508,7 @@ def box_busy() -> tuple[float, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as scratch:
-        process, url, key = start_server(Path(scratch))
+        process, url, key = start_server(Path(scratch), args.server_workers)
         if not url or not key:
             process.kill()
             log = (Path(scratch) / "server.log").read_text()[-2000:]
@@ -880,7 +880,14 @@ def table(result: dict[str, Any]) -> str:
 def tiny() -> argparse.Namespace:
     """A run small enough for a test: 4 calls x 2 listeners, one round of short phases."""
     return argparse.Namespace(
-        calls=4, listeners=2, rate=10.0, seconds=1.5, rounds=1, workers=1, settle=10.0
+        calls=4,
+        listeners=2,
+        rate=10.0,
+        seconds=1.5,
+        rounds=1,
+        workers=1,
+        settle=10.0,
+        server_workers=None,
     )
 
 
@@ -897,10 +904,16 @@ def main() -> None:
     parser.add_argument(
         "--settle", type=float, default=10.0, help="seconds a phase may take to deliver its tail"
     )
+    parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=None,
+        help="serve's gateway processes (default: its own)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a few seconds' run (for a test)")
     args = parser.parse_args()
     if args.tiny:
-        args = tiny()
+        args = argparse.Namespace(**{**vars(tiny()), "server_workers": args.server_workers})
     result = run(args)
     print(table(result))
     print(orjson.dumps(result).decode())
