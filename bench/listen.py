@@ -6,11 +6,15 @@ opens C x L call WebSockets from client worker processes, and every socket sends
 it runs phases on the same server, alternating "events" (events at `--rate` per call, no audio)
 and "audio" (the same events, plus every call publishing one 640-byte chunk every 20 ms, real
 time, from a separate publisher process), `--rounds` times. For each phase it reports event
-latency (publish to client receive, p50 / p95 / p99), events delivered of those expected,
-audio frames and bytes received, audio chunks dropped (from /metrics), the server's CPU (the
-gateway process and its children: NATS, Postgres) and its memory, the clients' and the
-publishers' CPU (so a load generator that fell behind shows), the CPU the rest of the box used
-(other users of a shared machine), and the load average.
+latency (publish to client receive, p50 / p95 / p99, and by third of the phase), events
+delivered of those expected, audio frames received, missing in each listener's sequence and
+late, the server's CPU by process (gateway processes, the durable consumers' process, NATS,
+Postgres) and memory, how far the durable consumers are behind, the clients' and publishers'
+CPU (so a load generator that fell behind shows), the CPU the rest of the box used (other users
+of a shared machine), the load average, and what the server logged (NATS's slow-consumer cuts
+included). A phase ends when every event and every listener's last chunk has arrived, or
+`--settle` seconds after publishing stopped. Loss is counted at the listeners: a `serve` with
+several gateway processes answers /metrics from one of them.
 
     .venv/bin/python -m bench.listen --calls 200 --listeners 5 --rate 5 --seconds 15
 
