@@ -486,8 +486,23 @@ class Replica:
     def __post_init__(self) -> None:
         self.stats = psutil.Process(self.process.pid)
 
+    def processes(self) -> list[psutil.Process]:
+        """The serve and its workers (a serve is a supervisor, gateways and consumers)."""
+        return [self.stats, *self.stats.children(recursive=True)]
+
     def cpu(self) -> float:
-        return float(sum(self.stats.cpu_times()[:2]))
+        total = 0.0
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                total += sum(process.cpu_times()[:2])
+        return total
+
+    def rss(self) -> int:
+        total = 0
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss
+        return total
 
 
 def _die_with_us() -> None:
@@ -576,7 +591,7 @@ async def ask(pipes: list[Connection], message: tuple[Any, ...], patience: float
 async def sample_rss(replica: Replica, peak: list[int], done: asyncio.Event) -> None:
     while not done.is_set():
         with contextlib.suppress(psutil.Error):
-            peak[0] = max(peak[0], replica.stats.memory_info().rss)
+            peak[0] = max(peak[0], replica.rss())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), 0.1)
 
@@ -723,7 +738,7 @@ async def _storm(
     waited = await ask(pipes, ("wait", warm, 30.0), 60)
     if any(answer[1] for answer in waited):
         raise RuntimeError("streams did not receive the live finals before the restart")
-    rss_steady = replica.stats.memory_info().rss
+    rss_steady = replica.rss()
 
     # The replica goes away (drained), finals keep coming, and it comes back on the same port.
     stopped_in = await stop(replica)
@@ -738,7 +753,7 @@ async def _storm(
     cpu0 = replica.cpu()
     pg0, nats0 = tree_cpu(setup.postgres), tree_cpu(setup.nats)
     box0 = psutil.cpu_times()
-    peak = [replica.stats.memory_info().rss]
+    peak = [replica.rss()]
     done = asyncio.Event()
     sampler = asyncio.create_task(sample_rss(replica, peak, done))
     await ask(pipes, ("go", t0), 10)

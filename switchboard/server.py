@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -469,6 +470,7 @@ def serve(
             else:
                 host, port = settings.host, 0
             home = simulator_home(plans)
+            serve_id = secrets.token_hex(8)
             specs = [
                 WorkerSpec(
                     plan,
@@ -478,6 +480,8 @@ def serve(
                     host,
                     port,
                     first.demo_workspace if plan is home else None,
+                    serve_id=serve_id,
+                    processes=len(plans),
                 )
                 for plan in plans
             ]

@@ -118,6 +118,8 @@ class WorkerSpec:
     host: str
     port: int
     demo_workspace: str | None  # the simulator runs in the process that has it
+    serve_id: str = ""  # names this serve's processes to each other (summed /metrics)
+    processes: int = 1  # how many processes the serve runs
 
 
 def reuseport_socket(host: str, port: int, *, listen: bool) -> socket.socket:
@@ -168,6 +170,7 @@ async def serve_roles(spec: WorkerSpec, parent: Connection) -> None:
     import asyncio
 
     from switchboard.api.app import create_app
+    from switchboard.live.siblings import SiblingMetrics
     from switchboard.server import (
         GatewayServer,
         close_services,
@@ -178,6 +181,13 @@ async def serve_roles(spec: WorkerSpec, parent: Connection) -> None:
 
     services = await open_services(spec.settings, spec.database_url, spec.nats_url)
     try:
+        if spec.processes > 1 and spec.serve_id:
+            siblings = SiblingMetrics(
+                services.bus.client, services.metrics, spec.serve_id, spec.processes
+            )
+            await siblings.start()
+            services.siblings = siblings
+            services.stoppers.append(siblings.stop)
         await start_consumers(services, spec.plan.roles, spec.demo_workspace)
         loop = asyncio.get_running_loop()
         if API not in spec.plan.roles:

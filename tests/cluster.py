@@ -10,6 +10,7 @@ routes between nodes carry their own credentials. Nodes and replicas die with th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -323,19 +324,36 @@ class Replica:
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        """The gateway process: the one of the serve's processes that listens on its port (a
+        serve is a supervisor, its gateway worker and its consumers' process)."""
+        port = int(self.url.rsplit(":", 1)[1])
+        for process in self._tree():
+            with contextlib.suppress(psutil.Error):
+                for conn in process.net_connections(kind="tcp"):
+                    if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                        return process.pid
+        raise AssertionError(f"no process of replica {self.name} listens on {self.url}")
+
+    def _tree(self) -> list[psutil.Process]:
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
 
     def pause(self) -> None:
-        """SIGSTOP: the process does nothing (no reads, no reconnects) until `resume`."""
-        self.process.send_signal(signal.SIGSTOP)
+        """SIGSTOP to every process of the serve: nothing reads or reconnects until `resume`."""
+        for process in self._tree():
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
+            for process in self._tree():
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
-        """kill -9: its clients' connections are cut without a close frame or a terminal."""
-        self.process.send_signal(signal.SIGKILL)
+        """kill -9 of every process of the serve (its own session): its clients' connections
+        are cut without a close frame or a terminal."""
+        os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
 
     def stop(self) -> None:
@@ -355,7 +373,11 @@ def start_replica(name: str, env: dict[str, str], cwd: Path, timeout: float = 60
     """Starts `switchboard serve --port 0` in `cwd` and returns once its banner names its
     URL."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "switchboard", "serve", "--port", "0", "--host", "127.0.0.1"],
+        # One gateway process, so that "the NATS node its replica uses" is one node.
+        [
+            *(sys.executable, "-m", "switchboard", "serve", "--port", "0"),
+            *("--host", "127.0.0.1", "--workers", "1"),
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

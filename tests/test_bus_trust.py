@@ -333,3 +333,56 @@ async def test_live_streams_never_show_an_envelope_that_disagrees_with_its_subje
     name = 'switchboard_live_messages_rejected_total{reason="subject_mismatch"} '
     counted = [line for line in metrics.splitlines() if line.startswith(name)]
     assert counted and int(counted[0].split()[-1]) >= 2, counted
+
+
+async def test_a_poison_event_in_a_batch_of_its_workspace_spoils_none_of_the_others(
+    consumers: Consumers, database_url: str, workspace: Workspace
+) -> None:
+    # Stored while the recorder is stopped, so that it fetches them together: one workspace's
+    # events are applied in one transaction, each in a savepoint.
+    await consumers.recorder.stop()
+    call_id = new_id("call")
+    poison = make_envelope(
+        "message.received",
+        workspace_id=workspace.id,
+        channel="sms",
+        conversation_id=new_id("conv"),
+        payload={
+            "message_id": new_id("msg"),
+            "direction": "inbound",
+            "text": "nul \x00 here",
+            "status": "received",
+            "from_number": "+14155550100",
+            "to_number": "+14155550101",
+        },
+    )
+    early = turn(workspace.id, call_id, "before the start")  # waits for the call
+    for envelope in (
+        early,
+        initiated(workspace.id, call_id),
+        poison,
+        *(turn(workspace.id, call_id, f"turn {n}") for n in range(3)),
+    ):
+        await store_envelope(consumers.bus.js, envelope)
+    await consumers.recorder.start()
+
+    async def texts() -> list[str]:
+        rows = await owner_fetch(database_url, "SELECT text FROM turns WHERE call_id = $1", call_id)
+        return [str(r["text"]) for r in rows]
+
+    await eventually(lambda: _has(texts, 4), within=30)
+    assert sorted(await texts()) == ["before the start", "turn 0", "turn 1", "turn 2"]
+
+    async def parked() -> bool:
+        rows = await owner_fetch(
+            database_url,
+            "SELECT 1 FROM parked_events WHERE event_id = $1 AND status = 'parked'",
+            poison["event_id"],
+        )
+        return bool(rows)
+
+    await eventually(parked, within=30)
+
+
+async def _has(texts: Any, count: int) -> bool:
+    return len(await texts()) >= count

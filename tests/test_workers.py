@@ -145,9 +145,10 @@ class Stream:
         return cls(reader, writer)
 
     async def until_closed(self) -> bytes:
-        """Everything the server writes until it closes the stream."""
+        """Everything the server writes until the response ends (its last, empty chunk; the
+        connection itself stays open for another request)."""
         async with asyncio.timeout(30):
-            return await self.reader.read()
+            return await self.reader.readuntil(b"\r\n0\r\n\r\n")
 
 
 def accepted_by(serve: Serve, streams: list[Stream]) -> dict[int, int]:
@@ -186,6 +187,12 @@ async def test_two_workers_share_the_port_and_revocations_and_drains_reach_both(
                 assert b"UNAUTHENTICATED" in ended, ended
             survivors = [await Stream.open(running.url, workspace.key) for _ in range(STREAMS)]
             assert len(await eventually(lambda: accepted_by(running, survivors))) == 2
+            # /metrics answers for the whole serve, whichever process takes the scrape.
+            for _ in range(4):
+                async with httpx.AsyncClient(base_url=running.url) as fresh:
+                    text = (await fresh.get("/metrics")).text
+                assert "switchboard_processes_reporting 2" in text
+                assert f'switchboard_open_streams{{kind="events_sse"}} {STREAMS}' in text
         # A stop drains every process: each stream is told to reconnect elsewhere.
         workers = running.workers()
         running.process.send_signal(signal.SIGTERM)
@@ -247,7 +254,7 @@ async def test_each_role_runs_alone_and_does_only_its_part(
                 ) as webhooks:
                     assert webhooks.url is None and "webhooks (no HTTP port)" in webhooks.banner
                     got = await asyncio.to_thread(receiver.wait_for, 2, 30)
-                    delivered = {orjson.loads(g.body)["type"] for g in got}
+                    delivered = {orjson.loads(g.body)["event_type"] for g in got}
                     assert delivered == {"call.initiated", "call.transcription"}
     finally:
         await bus.close()

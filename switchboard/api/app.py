@@ -317,9 +317,10 @@ def create_app(services: Services) -> ASGIApp:
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(
-            services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        # Under `serve --workers N`, the sum over every process of the serve.
+        siblings = services.siblings
+        text = await siblings.render() if siblings is not None else services.metrics.render()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return RequestContext(
         BodyLimit(

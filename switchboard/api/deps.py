@@ -17,6 +17,7 @@ from switchboard.limits.shared import SharedLimits
 from switchboard.live.hub import Hub
 from switchboard.live.metrics import Metrics
 from switchboard.live.registry import StreamRegistry
+from switchboard.live.siblings import SiblingMetrics
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Services:
     background: list[asyncio.Task[None]] = field(default_factory=list)
     # Components started after the services (recorder, simulator), stopped first, newest first.
     stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The other processes of a `serve --workers N`, whose metrics /metrics sums with these.
+    siblings: SiblingMetrics | None = None
 
 
 def get_services(request: Request) -> Services:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 STREAM_KINDS = ("transcript_sse", "conversation_sse", "call_websocket", "events_sse")
 
@@ -28,6 +29,40 @@ class Metrics:
         if name not in self._families:
             self._families[name] = (help_text, label, defaultdict(int))
         return self._families[name][2]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every value, as JSON-ready data: what a sibling process sends to the one that answers
+        a scrape (see `merged`)."""
+        return {
+            "open_streams": dict(self.open_streams),
+            "frames_sent": dict(self.frames_sent),
+            "frames_dropped": dict(self.frames_dropped),
+            "heartbeats": dict(self.heartbeats),
+            "auth_failures": dict(self.auth_failures),
+            "bus_messages": self.bus_messages,
+            "bus_subscriptions": self.bus_subscriptions(),
+            "families": {
+                name: [help_text, label, dict(values)]
+                for name, (help_text, label, values) in self._families.items()
+            },
+        }
+
+    @classmethod
+    def merged(cls, snapshots: list[dict[str, Any]]) -> Metrics:
+        """The sum of several processes' snapshots (counters and gauges alike add up: open
+        streams, subscriptions and totals are all per process)."""
+        total = cls()
+        subscriptions = 0
+        for snap in snapshots:
+            for name in ("open_streams", "frames_sent", "frames_dropped", "heartbeats"):
+                _add(getattr(total, name), snap.get(name, {}))
+            _add(total.auth_failures, snap.get("auth_failures", {}))
+            total.bus_messages += int(snap.get("bus_messages", 0))
+            subscriptions += int(snap.get("bus_subscriptions", 0))
+            for name, (help_text, label, values) in snap.get("families", {}).items():
+                _add(total.counter(name, help_text, label), values)
+        total.bus_subscriptions = lambda: subscriptions
+        return total
 
     def render(self) -> str:
         lines: list[str] = []
@@ -81,3 +116,8 @@ class Metrics:
         for name, (help_text, label, values) in sorted(self._families.items()):
             family(name, "counter", help_text, values, label)
         return "\n".join(lines) + "\n"
+
+
+def _add(into: dict[str, int], values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        into[key] += int(value)
