@@ -28,6 +28,9 @@ from switchboard.outage import OutageLog, unavailable_dependency
 log = logging.getLogger(__name__)
 
 BATCH = 64
+# Seconds a caught-up consumer waits before its next fetch: what it adds to an event's way to
+# the database and its webhooks, for batches instead of a transaction per event.
+LINGER = 0.025
 RETRY_DELAY = 1.0  # seconds before a failed event is tried again
 MAX_ATTEMPTS = 3  # deliveries of an event that fails for a reason other than an outage
 WAIT_LIMIT = 3600.0  # seconds an event may wait for its call or conversation before parking
@@ -145,6 +148,10 @@ class EventConsumer:
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             await self._handle_batch(messages)
+            if len(messages) < BATCH:
+                # Caught up: let the next events gather for a moment, so that a steady flow is
+                # applied in batches (one transaction each) rather than one event per fetch.
+                await asyncio.sleep(LINGER)
 
     async def _handle_batch(self, messages: list[Msg]) -> None:
         """A fetched batch: each workspace's events in one transaction, in order, each in a
