@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from switchboard.ids import new_id
 from switchboard.live.history import stored_call
 from switchboard.producer import Producer
 from switchboard.simulate.audio import Mixer, chunk_time, due_chunks
@@ -287,9 +288,9 @@ class Simulator:
         return f"+1415{self.rng.randint(2000000, 9999999)}"
 
     def _new_call_id(self) -> str:
-        return "call_" + "".join(
-            self.rng.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(22)
-        )
+        # Never from the seeded generator: ids are unique across workspaces in the store, so a
+        # second run with the same seed would make calls the recorder must refuse.
+        return new_id("call")
 
     def _launch(
         self, call_id: str, *, inbound: bool, transport: str | None = None
@@ -407,8 +408,7 @@ class Simulator:
     async def _conversation(self) -> None:
         await asyncio.sleep(self.rng.uniform(0, 2.0) * self.plan.pace)
         conversation = {
-            "id": "conv_"
-            + "".join(self.rng.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(22)),
+            "id": new_id("conv"),  # never seeded: see `_new_call_id`
             "channel": self.rng.choice(("sms", "whatsapp")),
             "customer": self._phone(),
             "business": "+14155550001",
