@@ -30,6 +30,7 @@ from switchboard.db import Database, connect_database
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
 from switchboard.limits.shared import SharedLimits
 from switchboard.live.hub import Hub
+from switchboard.live.lag import LoopLag
 from switchboard.live.metrics import Metrics
 from switchboard.live.registry import StreamRegistry
 from switchboard.workers import (
@@ -148,7 +149,9 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
         authenticator.forget_key(key_id)
 
     await bus.on_key_revoked(forget)
-    hub = Hub(bus.client, metrics)
+    lag = LoopLag()
+    lag.start()
+    hub = Hub(bus.client, metrics, lag)
     bus.reconnect_listeners.append(hub.catch_up)
     limits = SharedLimits(
         bus,
@@ -159,6 +162,11 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
     services = Services(settings, database, bus, authenticator, metrics, hub, registry, limits)
     # Stopped last of the stoppers (after the drain has ended this process's streams).
     services.stoppers.append(limits.stop)
+
+    async def stop_sampling() -> None:
+        lag.stop()
+
+    services.stoppers.append(stop_sampling)
     services.background.append(asyncio.create_task(registry.run_ticker()))
     # Every process that serves the API relays its outbox: the REST writes' events reach the
     # bus only through a relay (one is active per database; the others stand by).

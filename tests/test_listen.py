@@ -606,3 +606,43 @@ async def test_switchboard_listen_stops_on_ctrl_c_and_leaves_a_playable_wav(
     with wave.open(str(wav_path), "rb") as wav:
         assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 16_000)
         assert wav.readframes(wav.getnframes()) == b"".join(chunk(n) for n in range(30))
+
+
+SHED = 'switchboard_audio_chunks_shed_total{reason="loop_late"}'
+
+
+async def test_while_the_event_loop_runs_late_audio_is_shed_and_counted_not_sent(
+    server: ServerThread, client: httpx.AsyncClient, workspace: Workspace, producer: Producer
+) -> None:
+    call_id = await new_call(client, workspace)
+    assert server.services is not None
+    lag = server.services.hub.lag
+    before = await metric(server, SHED)
+    async with ws_connect(ws_url(server, call_id), additional_headers=workspace.headers) as peer:
+        await command(peer, "listen", "r1")
+
+        def overloaded() -> None:
+            lag.stop()  # hold the sampler's verdict: the loop is late
+            lag.lagging = True
+
+        def recovered() -> None:
+            lag.lagging = False
+            lag.start()
+
+        server.call(overloaded)
+        try:
+            for index in range(5):
+                await producer.audio(workspace.id, call_id, chunk(index))
+            await producer.client.flush()
+            await eventually(lambda: _at_least(metric(server, SHED), before + 5))
+        finally:
+            server.call(recovered)
+        await producer.audio(workspace.id, call_id, chunk(9))
+        # In order on one subscription: a chunk let through while late would have come first.
+        heard = [pcm async for _, pcm in binary_frames(peer, 1)]
+    assert [index_of(pcm) for pcm in heard] == [9]
+    assert await metric(server, SHED) == before + 5
+
+
+async def _at_least(value: Any, expected: int) -> bool:
+    return bool(await value >= expected)

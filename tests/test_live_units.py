@@ -288,3 +288,41 @@ def test_direct_framing_is_what_the_server_would_have_written() -> None:
         except StopIteration as done:
             frame = done.value
         assert frame.opcode is Opcode.TEXT and frame.fin and frame.data == text.encode()
+
+
+async def test_audio_goes_straight_to_the_socket_only_behind_nothing() -> None:
+    sent: list[AudioChunk] = []
+    outbox = Outbox(4)
+    outbox.direct_audio = lambda chunk: sent.append(chunk) is None
+    outbox.listen(AudioBuffer())
+    first, second, third = (AudioChunk(bytes([n]) * CHUNK_BYTES) for n in range(3))
+    waiting = asyncio.ensure_future(outbox.next(audio=True))
+    await asyncio.sleep(0)  # the writer parks: idle, nothing queued
+    assert outbox.offer_audio(first) and sent == [first]
+    assert outbox.offer(b"event")  # an event waits (no direct path for events here)
+    assert outbox.offer_audio(second) and sent == [first]  # so audio waits behind it
+    assert await waiting == b"event"
+    assert await outbox.next(audio=True) == second
+    outbox.unlisten()
+    assert not outbox.offer_audio(third) and sent == [first]
+
+
+def test_binary_framing_is_made_once_per_chunk() -> None:
+    from switchboard.live.direct import websocket_binary
+
+    chunk = AudioChunk(b"\x01\x02" * (CHUNK_BYTES // 2))
+    wire = websocket_binary(chunk)
+    assert wire[:4] == bytes((0x82, 126)) + CHUNK_BYTES.to_bytes(2, "big")
+    assert wire[4:] == chunk.pcm
+    assert websocket_binary(chunk) is wire
+
+
+def test_audio_is_shed_while_the_loop_runs_late_and_not_before() -> None:
+    from switchboard.live.lag import RESUME_BELOW, SHED_ABOVE, SUSTAINED, LoopLag
+
+    late = SHED_ABOVE + 0.001
+    assert not LoopLag.observe(False, late, 1)  # one stall is not overload
+    assert not LoopLag.observe(False, late, SUSTAINED - 1)
+    assert LoopLag.observe(False, late, SUSTAINED)
+    assert LoopLag.observe(True, RESUME_BELOW + 0.001, 0)  # still shedding until punctual
+    assert not LoopLag.observe(True, RESUME_BELOW - 0.001, 0)

@@ -22,6 +22,7 @@ from typing import Any
 
 from websockets.protocol import State
 
+from switchboard.live.audio import AudioChunk
 from switchboard.live.outbox import Frame
 
 # A client whose socket buffer holds more than this is behind: its frames queue in its outbox
@@ -41,6 +42,7 @@ class _LastFraming:
 
 _chunk_cache = _LastFraming()
 _text_cache = _LastFraming()
+_binary_cache = _LastFraming()
 
 
 def http_chunk(frame: bytes) -> bytes:
@@ -49,19 +51,31 @@ def http_chunk(frame: bytes) -> bytes:
     return _chunk_cache.wire
 
 
+def _websocket_frame(opcode: int, payload: bytes) -> bytes:
+    """A server-to-client frame (RFC 6455 5.2: FIN, the opcode, no mask)."""
+    size = len(payload)
+    first = 0x80 | opcode
+    if size < 126:
+        head = bytes((first, size))
+    elif size < 1 << 16:
+        head = bytes((first, 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((first, 127)) + size.to_bytes(8, "big")
+    return head + payload
+
+
 def websocket_text(frame: str) -> bytes:
-    """A server-to-client text frame (RFC 6455 5.2: FIN, opcode 1, no mask)."""
     if frame is not _text_cache.frame:
-        payload = frame.encode()
-        size = len(payload)
-        if size < 126:
-            head = bytes((0x81, size))
-        elif size < 1 << 16:
-            head = bytes((0x81, 126)) + size.to_bytes(2, "big")
-        else:
-            head = bytes((0x81, 127)) + size.to_bytes(8, "big")
-        _text_cache.frame, _text_cache.wire = frame, head + payload
+        _text_cache.frame, _text_cache.wire = frame, _websocket_frame(0x1, frame.encode())
     return _text_cache.wire
+
+
+def websocket_binary(chunk: AudioChunk) -> bytes:
+    """An audio chunk's binary frame, made once for every listener (the hub wraps each chunk
+    once and offers the same object to all)."""
+    if chunk is not _binary_cache.frame:
+        _binary_cache.frame, _binary_cache.wire = chunk, _websocket_frame(0x2, chunk.pcm)
+    return _binary_cache.wire
 
 
 class SseDirect:
@@ -93,35 +107,49 @@ class SseDirect:
 
 
 class WebSocketDirect:
-    """Writes text frames into an open connection of uvicorn's sans-I/O WebSocket protocol.
-    `held` says when the writer must see every frame itself (a DTMF result it is ordering, the
-    live copies of a replay it is skipping)."""
+    """Writes text frames (events) and binary frames (audio) into an open connection of
+    uvicorn's sans-I/O WebSocket protocol. `held` says when the writer must see every event
+    itself (a DTMF result it is ordering, the live copies of a replay it is skipping)."""
 
-    __slots__ = ("counter", "held", "kind", "protocol", "transport")
+    __slots__ = ("audio_bytes", "counter", "held", "kind", "protocol", "transport")
 
     def __init__(
-        self, protocol: Any, counter: dict[str, int], kind: str, held: Callable[[], bool]
+        self,
+        protocol: Any,
+        counter: dict[str, int],
+        kind: str,
+        held: Callable[[], bool],
+        audio_bytes: dict[str, int],
     ) -> None:
         self.protocol = protocol
         self.transport: asyncio.WriteTransport = protocol.transport
         self.counter = counter
         self.kind = kind
         self.held = held
+        self.audio_bytes = audio_bytes
 
-    def __call__(self, frame: Frame) -> bool:
+    def _open(self) -> bool:
         protocol = self.protocol
         transport = self.transport
-        if (
+        return not (
             protocol.close_sent
             or protocol.disconnected
             or protocol.conn.state is not State.OPEN
             or not protocol.writable.is_set()
             or transport.is_closing()
             or transport.get_write_buffer_size() > BACKLOG_BYTES
-            or not isinstance(frame, str)
-            or self.held()
-        ):
+        )
+
+    def __call__(self, frame: Frame) -> bool:
+        if not isinstance(frame, str) or self.held() or not self._open():
             return False
-        transport.write(websocket_text(frame))
+        self.transport.write(websocket_text(frame))
         self.counter[self.kind] += 1
+        return True
+
+    def audio(self, chunk: AudioChunk) -> bool:
+        if not self._open():
+            return False
+        self.transport.write(websocket_binary(chunk))
+        self.audio_bytes[self.kind] += len(chunk.pcm)
         return True

@@ -25,6 +25,7 @@ from switchboard.events import LIVE_PREFIX, live_subject, subject_mismatch
 from switchboard.live.audio import CHUNK_BYTES, AudioChunk
 from switchboard.live.cursor import PREFIXES, cursor_text
 from switchboard.live.frames import Ending, Terminal, sse_data
+from switchboard.live.lag import LoopLag
 from switchboard.live.metrics import Metrics
 from switchboard.live.outbox import Item, Outbox
 from switchboard.outage import BusUnavailable
@@ -105,9 +106,16 @@ class Topic:
 
 
 class Hub:
-    def __init__(self, client: Client, metrics: Metrics) -> None:
+    def __init__(self, client: Client, metrics: Metrics, lag: LoopLag | None = None) -> None:
         self.client = client
         self.metrics = metrics
+        self.lag = lag or LoopLag()  # not started: never lagging
+        self.shed = metrics.counter(
+            "switchboard_audio_chunks_shed_total",
+            "Audio chunks not sent to their listeners because the event loop was late "
+            "(events first), by reason.",
+            "reason",
+        )
         self.topics: dict[str, Topic] = {}
         metrics.bus_subscriptions = self.subscription_count
         self.rejected = metrics.counter(
@@ -276,6 +284,9 @@ class Hub:
                 self._reject(
                     f"an audio chunk of {len(msg.data)} bytes, not {CHUNK_BYTES}", "audio_size"
                 )
+                return
+            if self.lag.lagging:
+                self.shed["loop_late"] += 1
                 return
             chunk = AudioChunk(msg.data)
             for outbox in topic.watchers.get(View.AUDIO, ()):

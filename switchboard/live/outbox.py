@@ -70,6 +70,7 @@ class Outbox:
         # set once the stream is live. Used only while the writer waits with nothing queued,
         # so a direct frame can never overtake one on the writer's path.
         self.direct: Callable[[Frame], bool] | None = None
+        self.direct_audio: Callable[[AudioChunk], bool] | None = None  # the same, for audio
         self.idle = False  # the writer is waiting in `next` with nothing to write
 
     def __len__(self) -> int:
@@ -129,6 +130,16 @@ class Outbox:
         chunk (counted by the buffer), never this one; after the end nothing is queued."""
         if self.audio is None or self._terminal is not None or self.aborted:
             return False
+        direct = self.direct_audio
+        if (
+            direct is not None
+            and self.idle
+            and not self._frames
+            and not self._priority
+            and not self.audio
+            and direct(chunk)
+        ):
+            return True
         self.audio.push(chunk)
         self._wake()
         return True

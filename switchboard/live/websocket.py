@@ -204,12 +204,15 @@ class CallEventSocket(StreamEndpoint):
         if protocol is not None:
             # Frames skip the writer unless it must see them: a DTMF result to order, the
             # live copies of a replay to skip.
-            outbox.direct = WebSocketDirect(
+            direct = WebSocketDirect(
                 protocol,
                 self.services.metrics.frames_sent,
                 self.kind,
                 lambda: bool(answered) or bool(replayed),
+                self.audio_bytes,
             )
+            outbox.direct = direct
+            outbox.direct_audio = direct.audio
         # However the writer ends (its close sent, the client gone), the reader stops waiting.
         writer.add_done_callback(lambda _: outbox.abort())
         commands: set[asyncio.Task[None]] = set()
