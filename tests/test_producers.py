@@ -330,6 +330,11 @@ async def test_a_simulated_call_is_consistent_in_rest_sse_and_websocket(
     ]
     assert [t["id"] for t in call["turns"]] == transcribed
     assert {f["turn_id"] for f in finals} <= set(transcribed)
+    # And on what the media plane measured at the end: the call's quality, as REST shows it.
+    [measured] = [e["payload"] for e in ws_events if e["event_type"] == "call.quality"]
+    assert call["quality"] == measured and 1.0 <= call["quality"]["mos"] <= 5.0
+    listed = (await client.get("/v1/calls", headers=h)).json()["calls"]
+    assert [c["quality"] for c in listed if c["id"] == call_id] == [measured]
 
 
 async def _completed_call(

@@ -138,6 +138,13 @@ class Turn(BaseModel):
     spoken_at: str
 
 
+class CallQuality(BaseModel):
+    mos: float | None = None
+    packet_loss_pct: float | None = None
+    jitter_ms: float | None = None
+    rtt_ms: float | None = None
+
+
 class Call(BaseModel):
     id: str
     agent_id: str | None
@@ -150,6 +157,9 @@ class Call(BaseModel):
     ended_at: str | None
     ended_by: str | None
     duration_seconds: float | None
+    quality: CallQuality | None = Field(
+        None, description="What the media plane last measured (`call.quality`), if anything."
+    )
 
 
 class CallWithTurns(Call):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from switchboard.ids import iso_ms
 
 
@@ -50,6 +52,7 @@ def call(row: Any) -> dict[str, Any]:
         "ended_at": ts(row["ended_at"]),
         "ended_by": row["ended_by"],
         "duration_seconds": row["duration_seconds"],
+        "quality": orjson.loads(row["quality"]) if row["quality"] else None,
     }
 
 

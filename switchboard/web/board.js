@@ -140,8 +140,11 @@ export async function boardView(ctx) {
   const fromRest = (c) => {
     const known = calls.get(c.id);
     // The stream may already know better (a completion, counts): keep what it learnt.
-    const merged = { barge: 0, silence: 0, quality: null, mos: null, last: "", ...c, ...(known || {}) };
-    if (known && known.status === "in_progress" && c.status !== "in_progress") Object.assign(merged, c);
+    // The REST row's `quality` is the measurement (call.quality); the board's is the latest dip.
+    const { quality: measured, ...row } = c;
+    const fromRow = { ...row, ...(measured && measured.mos != null ? { mos: measured.mos } : {}) };
+    const merged = { barge: 0, silence: 0, quality: null, mos: null, last: "", ...fromRow, ...(known || {}) };
+    if (known && known.status === "in_progress" && c.status !== "in_progress") Object.assign(merged, fromRow);
     calls.set(c.id, merged);
   };
   async function loadLive(token) {
