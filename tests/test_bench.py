@@ -66,3 +66,24 @@ def test_resume_storm_benchmark_loses_and_duplicates_nothing() -> None:
     assert result["missed_per_stream_min_p50_max"][0] >= 40
     assert result["server_frames_replayed"] >= 40 * 40
     assert "cores" in result["machine"]
+
+
+def test_tenants_benchmark_runs_and_the_victim_gets_every_frame() -> None:
+    from bench import tenants
+
+    args = tenants.parser().parse_args(
+        [
+            *("--streams", "20", "--calls", "2", "--rate", "5", "--seconds", "2"),
+            *("--rounds", "1", "--flood-streams", "30", "--flood-rps", "200"),
+            *("--flood-processes", "1", "--flood-connections", "2"),
+        ]
+    )
+    result = tenants.run(args)
+    quiet, flood = result["phases"]
+    for phase in (quiet, flood):
+        delivered, expected = map(int, phase["victim_frames"].split("/"))
+        assert delivered == expected > 0
+        assert phase["victim_rest_ms_p50"] > 0
+    assert flood["flooder_streams_open"] == 30 and flood["flooder_requests_admitted"] > 0
+    assert quiet["flooder_requests_admitted"] == 0
+    assert set(result["ratio_flood_over_quiet"]) >= {"victim_stream_ms_p99"}
