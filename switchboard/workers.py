@@ -39,9 +39,12 @@ ROLES = (API, RECORDER, WEBHOOKS)
 CONSUMER_ROLES = frozenset({RECORDER, WEBHOOKS})
 
 READY_TIMEOUT = 120.0  # seconds for every process to start (migrations, a cold JetStream)
-# A process that dies within this many seconds of starting is not restarted: it would only
-# die again (bad configuration, a port it cannot bind); the whole `serve` stops instead.
-STARTUP_GRACE = 10.0
+# A process that dies before it is ready is not restarted: it would only die again (bad
+# configuration, a port it cannot bind); the whole `serve` stops instead. One that dies after
+# is, unless processes keep dying: more than RESTART_LIMIT restarts within RESTART_WINDOW
+# seconds stop the serve too (a crash loop helps no client).
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -280,7 +283,9 @@ class Supervisor:
         return {w.spec.plan.name: w.pid for w in self.running}
 
     def watch(self, should_stop: Callable[[], bool]) -> None:
-        """Until `should_stop()`: restarts a process that dies (unless it dies as it starts)."""
+        """Until `should_stop()`: starts again a process that died after it was ready (one that
+        dies again before it is ready, or a crash loop, ends the serve: WorkersFailed)."""
+        restarts: list[float] = []
         while not should_stop():
             sentinels: list[Any] = [w.process.sentinel for w in self.running]
             if not wait(sentinels, timeout=0.5):
@@ -289,8 +294,14 @@ class Supervisor:
                 if worker.process.is_alive() or should_stop():
                     continue
                 name, code = worker.spec.plan.name, worker.process.exitcode
-                if time.monotonic() - worker.started < STARTUP_GRACE:
-                    raise WorkersFailed(f"the {name} process exited with code {code} at start")
+                now = time.monotonic()
+                restarts = [at for at in restarts if now - at < RESTART_WINDOW]
+                if len(restarts) >= RESTART_LIMIT:
+                    raise WorkersFailed(
+                        f"the {name} process exited with code {code}, the "
+                        f"{len(restarts) + 1}th exit within {RESTART_WINDOW:.0f} s; stopping"
+                    )
+                restarts.append(now)
                 log.error("the %s process exited with code %s; starting it again", name, code)
                 replacement = self._spawn(worker.spec)
                 self._await_ready(replacement, time.monotonic() + READY_TIMEOUT)

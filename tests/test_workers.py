@@ -163,6 +163,17 @@ def accepted_by(serve: Serve, streams: list[Stream]) -> dict[int, int]:
     return counts
 
 
+def listeners(serve: Serve) -> set[int]:
+    """The processes of the serve that listen on its port: its gateway workers."""
+    found = set()
+    for worker in serve.workers():
+        with contextlib.suppress(psutil.Error):
+            for conn in worker.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == serve.port:
+                    found.add(worker.pid)
+    return found
+
+
 STREAMS = 24  # all on one process by chance: 2 x 2^-24
 
 
@@ -343,3 +354,39 @@ async def test_the_request_limit_is_shared_by_two_workers(
         assert (await second.get("/v1/workspace", workspace.key))[0] == 429
         for kept in pool:
             kept.writer.close()
+
+
+@pytest.mark.slow
+async def test_a_worker_that_dies_is_started_again_and_the_other_keeps_its_streams(
+    own_database: str, nats_of_its_own: str, tmp_path: Path
+) -> None:
+    workspace = await new_workspace(own_database)
+    async with serve(
+        own_database, nats_of_its_own, "--workers", "2", "--role", "api", data_dir=tmp_path / "d"
+    ) as running:
+        assert running.url is not None
+        streams = [await Stream.open(running.url, workspace.key) for _ in range(STREAMS)]
+        holders = await eventually(lambda: accepted_by(running, streams))
+        assert len(holders) == 2
+        victim, survivor = sorted(holders)
+        os.kill(victim, signal.SIGKILL)
+        # The dead worker's streams are cut; the other's stay open and alive.
+        kept = [s for s in streams if accepted_by(running, [s]).get(survivor)]
+        assert len(kept) == holders[survivor]
+
+        def replaced() -> bool:
+            listening = listeners(running)
+            return len(listening) == 2 and victim not in listening
+
+        await eventually(replaced, within=60)
+
+        async def serving() -> bool:
+            async with httpx.AsyncClient(base_url=running.url, headers=workspace.headers) as h:
+                statuses = [(await h.get("/v1/workspace")).status_code for _ in range(8)]
+            return statuses == [200] * 8
+
+        assert await eventually(serving, within=60)
+        assert running.process.returncode is None
+        async with httpx.AsyncClient(base_url=running.url) as fresh:
+            text = (await fresh.get("/metrics")).text
+        assert "switchboard_processes_reporting 2" in text
