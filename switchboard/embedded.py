@@ -384,6 +384,8 @@ class EmbeddedPostgres:
     fsync: bool = True
     process: ChildProcess | None = None
     port: int = 0
+    # Room for every process of the serve (each pools up to 20 connections) and admin commands.
+    max_connections: int = 200
 
     @property
     def pgdata(self) -> Path:
@@ -429,7 +431,7 @@ class EmbeddedPostgres:
             "-c",
             f"fsync={'on' if self.fsync else 'off'}",
             "-c",
-            "max_connections=200",
+            f"max_connections={self.max_connections}",
         ]
         # SIGINT is Postgres' "fast shutdown": roll back open transactions and exit cleanly.
         self.process = _spawn("postgres", argv, self.log_path, signal.SIGINT, user, cwd=self.pgdata)

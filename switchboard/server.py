@@ -27,6 +27,7 @@ from switchboard.bus import connect_bus
 from switchboard.bus.event_outbox import OutboxRelay
 from switchboard.config import Settings
 from switchboard.db import Database, connect_database
+from switchboard.db.database import POOL_MAX_SIZE
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
 from switchboard.limits.shared import SharedLimits
 from switchboard.live.hub import Hub
@@ -46,6 +47,8 @@ from switchboard.workers import (
 from switchboard.workspaces import WorkspaceSummary, create_workspace, owned_workspaces
 
 log = logging.getLogger(__name__)
+
+ADMIN_CONNECTIONS = 40  # the supervisor's, admin commands', a spare
 
 RUN_FILE = "run.json"
 
@@ -77,9 +80,10 @@ class Backends:
             self.run_file.unlink(missing_ok=True)
 
 
-def start_backends(settings: Settings) -> Backends:
-    """Starts an embedded Postgres and/or NATS for whichever URL is not configured. Must run on
-    the main thread (see `embedded`)."""
+def start_backends(settings: Settings, processes: int = 1) -> Backends:
+    """Starts an embedded Postgres and/or NATS for whichever URL is not configured, with room
+    for `processes` processes' connection pools. Must run on the main thread (see
+    `embedded`)."""
     backends = Backends(settings.database_url or "", settings.nats_url or "")
     if settings.database_url and settings.nats_url:
         return backends
@@ -89,7 +93,10 @@ def start_backends(settings: Settings) -> Backends:
     data_dir = private_directory(settings.data_dir.resolve())
     try:
         if not settings.database_url:
-            postgres = EmbeddedPostgres(data_dir / "postgres")
+            postgres = EmbeddedPostgres(
+                data_dir / "postgres",
+                max_connections=max(200, POOL_MAX_SIZE * processes + ADMIN_CONNECTIONS),
+            )
             backends.owned.append(postgres)
             backends.database_url = postgres.start()
         if not settings.nats_url:
@@ -469,7 +476,7 @@ def serve(
     sock = bind_socket(settings.host, settings.port) if serves_api else None
     supervisor: Supervisor | None = None
     try:
-        backends = start_backends(settings)
+        backends = start_backends(settings, len(plans))
         try:
             first = run(prepare_store(settings, backends, demo))
             if sock is not None:

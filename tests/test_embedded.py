@@ -16,6 +16,7 @@ import asyncpg
 import nats
 import pytest
 
+from switchboard.config import Settings
 from switchboard.db.database import app_role_url, connect_database
 from switchboard.embedded import (
     EmbeddedError,
@@ -191,3 +192,19 @@ async def test_a_given_app_password_is_used_and_never_sent_in_clear(
         await follower.close()
     assert "ALTER ROLE" in cluster.log_path.read_text(), "statement logging is not on"
     assert given not in cluster.log_path.read_text()
+
+
+async def test_postgres_has_room_for_the_pools_of_every_process(home: Path) -> None:
+    from switchboard.server import start_backends
+
+    # A serve of 12 processes (each pools up to 20 connections) needs more than the default.
+    settings = Settings(data_dir=home / "many-workers", nats_url="nats://127.0.0.1:1")
+    backends = start_backends(settings, processes=12)
+    try:
+        conn = await asyncpg.connect(backends.database_url)
+        try:
+            assert int(await conn.fetchval("SHOW max_connections")) >= 12 * 20
+        finally:
+            await conn.close()
+    finally:
+        backends.stop()

@@ -22,6 +22,8 @@ from switchboard.db.commits import commit_starting
 from switchboard.db.migrate import apply_migrations
 
 log = logging.getLogger(__name__)
+# Connections one process's pool may open: `serve` sizes an embedded Postgres by it.
+POOL_MAX_SIZE = 20
 
 APP_ROLE = "switchboard_app"
 
@@ -267,7 +269,7 @@ async def connect_database(
     *,
     app_role_password: str | None = None,
     min_size: int = 2,
-    max_size: int = 20,
+    max_size: int = POOL_MAX_SIZE,
 ) -> Database:
     prepared = await prepare_database(owner_url, app_role_password)
     pool = await asyncpg.create_pool(
