@@ -326,3 +326,47 @@ def test_audio_is_shed_while_the_loop_runs_late_and_not_before() -> None:
     assert LoopLag.observe(False, late, SUSTAINED)
     assert LoopLag.observe(True, RESUME_BELOW + 0.001, 0)  # still shedding until punctual
     assert not LoopLag.observe(True, RESUME_BELOW - 0.001, 0)
+
+
+async def test_a_catch_up_that_cannot_read_the_history_sends_every_watcher_a_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a test of NATS: the hub's answer when its read-back fails (the bus slow or down)."""
+    from typing import Any
+
+    from nats.aio.msg import Msg
+
+    from switchboard.live import hub as hub_module
+    from switchboard.live.hub import Hub, Topic
+    from switchboard.outage import BusUnavailable
+
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise BusUnavailable("the history did not answer")
+
+    monkeypatch.setattr(hub_module, "stored_after", unreadable)
+    metrics = Metrics()
+    hub = Hub(None, metrics)  # type: ignore[arg-type]
+    subject = "vb.ws_1.call.call_1.transcript"
+    topic = Topic(subject, "ws_1")
+    outbox = Outbox(8, gap=lambda n, cursor: f"gap {n} {cursor}".encode())
+    topic.watchers[View.TRANSCRIPT] = {outbox}
+    receive = hub._receiver(topic)
+
+    def turn_message(seq: int, previous: int) -> Msg:
+        body = {"role": "user", "text": f"t{seq}", "is_final": True, "turn_id": "trn_1", "ts": "x"}
+        headers = {
+            "Nats-Stream": "VB_TRANSCRIPTS",
+            "Nats-Sequence": str(seq),
+            "Nats-Last-Sequence": str(previous),
+        }
+        return Msg(None, subject="live." + subject, data=orjson.dumps(body), headers=headers)  # type: ignore[arg-type]
+
+    await receive(turn_message(5, 0))
+    await receive(turn_message(9, 7))  # 7 was never received, and cannot be read back
+    frames = [await outbox.next() for _ in range(3)]
+    assert b"t5" in frames[0]  # type: ignore[operator]
+    assert frames[1] == b"gap 1 t5"  # resume from the last frame the client got
+    assert b"t9" in frames[2]  # type: ignore[operator]
+    assert metrics.counter("switchboard_live_catch_up_failed_total", "", "stream") == {
+        "VB_TRANSCRIPTS": 1
+    }

@@ -129,6 +129,12 @@ class Hub:
             "Stored messages the hub read back because its subscription missed them.",
             "stream",
         )
+        self.caught_up_failed = metrics.counter(
+            "switchboard_live_catch_up_failed_total",
+            "Catch-ups that could not read the stream's history; their clients were sent a "
+            "gap notice to resume from.",
+            "stream",
+        )
 
     def subscription_count(self) -> int:
         return sum(1 for topic in self.topics.values() if topic.subscription is not None)
@@ -207,8 +213,11 @@ class Hub:
                 # a slow consumer) shows as a jump in the subject's previous sequence. Stored
                 # messages are read back, so a connected client misses nothing durable.
                 single = "*" not in topic.subject
-                if single and topic.stream == stream and topic.last_seq < previous < seq:
-                    await self._catch_up(topic, until=seq - 1)
+                jumped = single and topic.stream == stream and topic.last_seq < previous < seq
+                if jumped and not await self._catch_up(topic, until=seq - 1):
+                    # What was missed cannot be read now: say so to every client, with the
+                    # cursor it got last, from which a reconnect recovers it.
+                    self._missed(topic)
                 subject = msg.subject.removeprefix(LIVE_PREFIX)
                 self._deliver(topic, subject, stream, seq, message)
 
@@ -246,11 +255,20 @@ class Hub:
                     elif outbox.wants is None or outbox.wants(str(event_type)):
                         outbox.offer(item, seq, cursor)
 
-    async def _catch_up(self, topic: Topic, until: int | None = None) -> None:
+    def _missed(self, topic: Topic) -> None:
+        """Every watcher of the topic owes its client a gap notice (at least one frame)."""
+        self.caught_up_failed[topic.stream or "unknown"] += 1
+        for view, outboxes in topic.watchers.items():
+            if view.stored:
+                for outbox in outboxes:
+                    outbox.missed(1)
+
+    async def _catch_up(self, topic: Topic, until: int | None = None) -> bool:
         """Delivers what the topic's stream stored after the last message delivered (up to
-        `until`); the caller holds `topic.delivering`."""
+        `until`); the caller holds `topic.delivering`. False when the history could not be read
+        (the bus is slow or down)."""
         if topic.stream is None:
-            return  # nothing delivered yet: no position to read on from
+            return True  # nothing delivered yet: no position to read on from
         try:
             async for stored in stored_after(
                 self.client, topic.stream, topic.subject, topic.last_seq, until=until
@@ -264,6 +282,8 @@ class Hub:
                     self._deliver(topic, stored.subject, topic.stream, stored.seq, message)
         except BusUnavailable as failure:
             log.warning("live streams could not catch up: %s", failure)
+            return False
+        return True
 
     async def catch_up(self) -> None:
         """After the bus connection came back: every topic reads what was stored while it
@@ -271,7 +291,8 @@ class Hub:
         for topic in list(self.topics.values()):
             if topic.stored and topic.subscription is not None:
                 async with topic.delivering:
-                    await self._catch_up(topic)
+                    if not await self._catch_up(topic):
+                        self._missed(topic)
 
     def _audio_receiver(self, topic: Topic) -> Callable[[Msg], Any]:
         """A call's audio: only whole 20 ms chunks pass (SPEC 5.3), wrapped once and offered to

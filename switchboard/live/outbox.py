@@ -116,6 +116,14 @@ class Outbox:
         self._wake()
         return True
 
+    def missed(self, count: int) -> None:
+        """Frames this client should have had were lost upstream (the hub could not read them
+        back): it is owed a gap notice, sent before the next frame or at once if none comes."""
+        if self._terminal is not None or self.aborted:
+            return
+        self.owed_gap += count
+        self._wake()
+
     def listen(self, buffer: AudioBuffer) -> None:
         """Starts accepting audio (a second listen keeps the buffer it has)."""
         if self.audio is None and not self.aborted:
