@@ -40,6 +40,7 @@ from switchboard.workers import (
     Supervisor,
     WorkerSpec,
     default_workers,
+    open_socket,
     plan_processes,
     reserve_port,
     simulator_home,
@@ -239,14 +240,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     first start. It listens at once, which holds the port against every other process (a bound
     socket that does not listen yet can share it with another SO_REUSEADDR socket); a client
     that connects while the rest starts waits in the backlog."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
+        sock = open_socket(host, port, reuse_port=False, listen=True)
     except OSError as failure:
-        sock.close()
         raise PortUnavailable(port_unavailable_message(host, port, failure)) from None
     sock.set_inheritable(True)
     return sock

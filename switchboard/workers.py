@@ -125,12 +125,15 @@ class WorkerSpec:
     processes: int = 1  # how many processes the serve runs
 
 
-def reuseport_socket(host: str, port: int, *, listen: bool) -> socket.socket:
+def open_socket(host: str, port: int, *, reuse_port: bool, listen: bool) -> socket.socket:
+    """A TCP socket bound to (host, port), listening if asked; with `reuse_port`, one of a
+    group the kernel spreads connections over (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         if listen:
             sock.listen(2048)
@@ -146,7 +149,7 @@ def reserve_port(sock: socket.socket) -> socket.socket:
     never-listening SO_REUSEPORT socket, which the kernel gives no connection to."""
     host, port = sock.getsockname()[:2]
     sock.close()
-    return reuseport_socket(host, port, listen=False)
+    return open_socket(host, port, reuse_port=True, listen=False)
 
 
 # --- inside a worker process ------------------------------------------------------------------
@@ -200,7 +203,7 @@ async def serve_roles(spec: WorkerSpec, parent: Connection) -> None:
             parent.send(("ready", os.getpid()))
             await stop.wait()
             return
-        sock = reuseport_socket(spec.host, spec.port, listen=True)
+        sock = open_socket(spec.host, spec.port, reuse_port=True, listen=True)
         server = GatewayServer(
             uvicorn_config(create_app(services), spec.settings), drain=draining(services)
         )

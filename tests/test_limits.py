@@ -34,6 +34,7 @@ def test_requests_are_refused_at_the_limit_and_refusals_are_not_counted() -> Non
     verdicts = [book.admit_request("ws_a", T0) for _ in range(5)]
     assert [v.allowed for v in verdicts] == [True, True, True, False, False]
     assert [v.remaining for v in verdicts] == [2, 1, 0, 0, 0]
+    assert book.requests_used("ws_a", T0) == 3
     assert verdicts[0].reset == 55
     # The next window starts from zero: the refusals did not count.
     assert book.admit_request("ws_a", T0 + WINDOW_SECONDS).allowed
@@ -114,15 +115,7 @@ def known_usage(server: ServerThread, workspace_id: str) -> int:
     peers' reports), read on its loop."""
     assert server.services is not None
     book = server.services.limits.book
-
-    def usage() -> int:
-        window = int(time.time() // WINDOW_SECONDS)
-        own = book._own_requests.get(workspace_id)
-        mine = own[1] if own is not None and own[0] == window else 0
-        peers = book._peer_requests.get((workspace_id, window), {})
-        return mine + sum(peers.values())
-
-    return int(server.call(usage))
+    return int(server.call(lambda: book.requests_used(workspace_id, time.time())))
 
 
 async def test_the_request_limit_is_shared_by_replicas_and_answered_with_the_headers(

@@ -86,16 +86,25 @@ class LimitBook:
 
     def admit_request(self, workspace_id: str, now: float) -> Verdict:
         window = window_of(now)
-        own = self._own_requests.get(workspace_id)
-        mine = own[1] if own is not None and own[0] == window else 0
-        peers = self._peer_requests.get((workspace_id, window))
-        used = mine + (sum(peers.values()) if peers else 0)
+        mine = self._own_in(workspace_id, window)
+        used = self.requests_used(workspace_id, now)
         reset = seconds_to_reset(now)
         if used >= self.rate_per_minute:
             return Verdict(False, self.rate_per_minute, 0, reset)
         self._own_requests[workspace_id] = (window, mine + 1)
         self._unreported.add((REQUESTS, workspace_id))
         return Verdict(True, self.rate_per_minute, self.rate_per_minute - used - 1, reset)
+
+    def requests_used(self, workspace_id: str, now: float) -> int:
+        """The workspace's requests in this window, as far as this process knows: its own and
+        what the others last reported."""
+        window = window_of(now)
+        peers = self._peer_requests.get((workspace_id, window))
+        return self._own_in(workspace_id, window) + (sum(peers.values()) if peers else 0)
+
+    def _own_in(self, workspace_id: str, window: int) -> int:
+        own = self._own_requests.get(workspace_id)
+        return own[1] if own is not None and own[0] == window else 0
 
     def open_stream(self, workspace_id: str, now: float) -> Verdict:
         mine = self._own_streams.get(workspace_id, 0)

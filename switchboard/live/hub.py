@@ -242,18 +242,21 @@ class Hub:
         if mismatch is not None:
             self._reject(mismatch, "subject_mismatch")
             return
-        event_type = message.get("event_type")
+        event_type = str(message.get("event_type"))
+        now = asyncio.get_running_loop().time()
         # No await below: the watcher sets cannot change while we walk them, so no copies.
         for view, outboxes in topic.watchers.items():
             if not outboxes:
                 continue
             cursor = cursor_of(view, message, stream, seq)
             for item in encode(view, message, cursor):
-                for outbox in outboxes:
-                    if isinstance(item, Terminal):
+                if isinstance(item, Terminal):
+                    for outbox in outboxes:
                         outbox.end(item)
-                    elif outbox.wants is None or outbox.wants(str(event_type)):
-                        outbox.offer(item, seq, cursor)
+                    continue
+                for outbox in outboxes:
+                    if outbox.wants is None or outbox.wants(event_type):
+                        outbox.offer(item, seq, cursor, now)
 
     def _missed(self, topic: Topic) -> None:
         """Every watcher of the topic owes its client a gap notice (at least one frame)."""

@@ -80,26 +80,27 @@ class Outbox:
     def terminal(self) -> Terminal | None:
         return self._terminal
 
-    def offer(self, frame: Frame, seq: int = 0, cursor: str | None = None) -> bool:
+    def _nothing_before(self) -> bool:
+        """Whether a direct write now would overtake nothing: the writer waits, nothing queued."""
+        return self.idle and not self._frames and not self._priority
+
+    def offer(
+        self, frame: Frame, seq: int = 0, cursor: str | None = None, now: float | None = None
+    ) -> bool:
         """Queues a frame unless the outbox is full, ended or aborted; never blocks. The first
         frame queued after drops is preceded by a gap notice naming the last cursor queued
-        before them, so the client knows and can resume from there."""
+        before them, so the client knows and can resume from there. `now`: the loop's time, if
+        the caller has it (the hub reads it once per message, not once per client)."""
         if self._terminal is not None or self.aborted:
             return False
         direct = self.direct
-        if (
-            direct is not None
-            and self.idle
-            and not self._frames
-            and not self._priority
-            and not self.owed_gap
-        ):
+        if direct is not None and self._nothing_before() and not self.owed_gap:
             if 0 < seq <= self.skip_through:
                 return True  # the replay sent it
             if direct(frame):
                 if cursor is not None:
                     self.last_cursor = cursor
-                self.last_write = asyncio.get_running_loop().time()
+                self.last_write = asyncio.get_running_loop().time() if now is None else now
                 return True
         if len(self._frames) >= self.capacity:
             self.dropped += 1
@@ -139,14 +140,7 @@ class Outbox:
         if self.audio is None or self._terminal is not None or self.aborted:
             return False
         direct = self.direct_audio
-        if (
-            direct is not None
-            and self.idle
-            and not self._frames
-            and not self._priority
-            and not self.audio
-            and direct(chunk)
-        ):
+        if direct is not None and self._nothing_before() and not self.audio and direct(chunk):
             return True
         self.audio.push(chunk)
         self._wake()

@@ -89,7 +89,7 @@ async def pump_sse(
     send = timed_send(send, outbox)
     protocol = protocol_of_this_connection(scope)
     listener: asyncio.Task[None] | None = None
-    if protocol is not None and hasattr(protocol, "when_lost"):
+    if protocol is not None:
         protocol.when_lost(outbox.abort)  # no task per stream waiting on `receive`
     else:
         listener = asyncio.create_task(_watch_disconnect(receive, outbox))
