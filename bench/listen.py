@@ -33,7 +33,6 @@ import multiprocessing as mp
 import os
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,15 @@ import nats
 import orjson
 import psutil
 
-from bench.fanout import machine, metric, percentile, publish, raise_fd_limit, start_server
+from bench.fanout import (
+    machine,
+    metric,
+    percentile,
+    publish,
+    raise_fd_limit,
+    start_server,
+    stop_server,
+)
 from switchboard.events import EVENTS_STREAM, call_audio_subject
 from switchboard.recorder.consumer import DURABLE as RECORDER
 from switchboard.webhooks.router import DURABLE as ROUTER
@@ -521,12 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             return _measure(args, url, key, server, Path(scratch))
         finally:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+            stop_server(process)
 
 
 class Session:

@@ -54,7 +54,7 @@ import nats
 import orjson
 import psutil
 
-from bench.fanout import machine, metric, percentile, raise_fd_limit
+from bench.fanout import machine, metric, percentile, raise_fd_limit, tree, tree_cpu
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from switchboard.producer import Producer
 
@@ -486,20 +486,13 @@ class Replica:
     def __post_init__(self) -> None:
         self.stats = psutil.Process(self.process.pid)
 
-    def processes(self) -> list[psutil.Process]:
-        """The serve and its workers (a serve is a supervisor, gateways and consumers)."""
-        return [self.stats, *self.stats.children(recursive=True)]
-
     def cpu(self) -> float:
-        total = 0.0
-        for process in self.processes():
-            with contextlib.suppress(psutil.Error):
-                total += sum(process.cpu_times()[:2])
-        return total
+        """CPU seconds of the serve: its supervisor, gateways and consumers."""
+        return tree_cpu(self.stats)
 
     def rss(self) -> int:
         total = 0
-        for process in self.processes():
+        for process in tree(self.stats):
             with contextlib.suppress(psutil.Error):
                 total += process.memory_info().rss
         return total
@@ -562,17 +555,6 @@ async def stop(replica: Replica, patience: float = 60.0) -> float | str:
         await replica.process.wait()
         return "killed"
     return round(time.monotonic() - began, 2)
-
-
-def tree_cpu(process: psutil.Process) -> float:
-    """CPU seconds of a server and its children, the exited ones included (Postgres forks a
-    backend per connection)."""
-    times = process.cpu_times()
-    total = times.user + times.system + times.children_user + times.children_system
-    for child in process.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            total += sum(child.cpu_times()[:2])
-    return float(total)
 
 
 async def ask(pipes: list[Connection], message: tuple[Any, ...], patience: float) -> list[Any]:

@@ -39,6 +39,8 @@ from bench.fanout import (
     percentile,
     publish,
     raise_fd_limit,
+    start_server,
+    stop_server,
     tree_cpu,
     worker,
 )
@@ -121,29 +123,6 @@ def flooder(
 
 
 # --- the driver -------------------------------------------------------------------------------
-
-
-def start(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
-    """`serve` with the product's limits (not lifted, unlike the other benchmarks)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-    env["SWITCHBOARD_LOG_LEVEL"] = "warning"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=open(data_dir / "server.log", "w"),  # noqa: SIM115 - lives as long as the server
-        text=True,
-        env=env,
-    )
-    url = key = ""
-    assert process.stdout is not None
-    for line in iter(process.stdout.readline, ""):
-        if "URL:" in line:
-            url = line.split()[-1]
-        if "API key:" in line:
-            key = line.split()[-1]
-        if line.startswith("  Try:"):
-            break
-    return process, url, key
 
 
 def second_workspace(data_dir: Path) -> str:
@@ -261,7 +240,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="switchboard-tenants-") as scratch:
         data_dir = Path(scratch)
-        process, url, flood_key = start(data_dir)
+        # The product's limits, not lifted: they are what this benchmark measures.
+        process, url, flood_key = start_server(data_dir, lift_limits=False)
         try:
             server = psutil.Process(process.pid)
             victim_key = second_workspace(data_dir)
@@ -291,11 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     )
         finally:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_server(process)
     quiet = [p for p in phases if p["phase"] == "quiet"]
     flood = [p for p in phases if p["phase"] == "flood"]
 
