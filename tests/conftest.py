@@ -3,11 +3,13 @@ a default server, and factories for workspaces and servers with other settings."
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import nats
@@ -17,7 +19,12 @@ from nats.aio.client import Client
 from switchboard.config import Settings
 from switchboard.db.database import prepare_database
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
+from switchboard.logs import configure_logging
+from tests.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 from tests.harness import ServerThread, Workspace, create_test_database, new_workspace
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +127,37 @@ async def bus(nats_url: str, server: ServerThread) -> AsyncIterator[Client]:
 async def client(server: ServerThread) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         yield http
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """One Chromium per module; each test makes a fresh context (its own sessionStorage)."""
+    from playwright.async_api import async_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+def console_log() -> Iterator[io.StringIO]:
+    """The production console logging at INFO, written to a buffer, for one test."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    named = {n: logging.getLogger(n) for n in ("uvicorn", "uvicorn.error", "uvicorn.access")}
+    saved_named = {
+        n: (lg.handlers[:], lg.propagate, lg.disabled, lg.filters[:]) for n, lg in named.items()
+    }
+    buffer = io.StringIO()
+    configure_logging("console", "info", stream=buffer)
+    try:
+        yield buffer
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        for name, (handlers, propagate, disabled, filters) in saved_named.items():
+            logger = named[name]
+            logger.handlers[:], logger.propagate, logger.disabled = handlers, propagate, disabled
+            logger.filters[:] = filters

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 from nats.aio.client import Client
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
+from playwright.async_api import Browser, ConsoleMessage, Page
 
 from switchboard.bus import connect_bus
 from switchboard.db import connect_database
@@ -25,42 +23,15 @@ from switchboard.producer import Producer
 from switchboard.simulate import SimulationPlan, Simulator
 from switchboard.webhooks.router import WebhookRouter
 from switchboard.webhooks.sender import Sender
+from tests.browser import ARTIFACTS, BROWSER_TESTS
 from tests.harness import ServerThread, Workspace, eventually, new_workspace
 from tests.receiver import Receiver
 from tests.test_dashboard import CuttableProxy
 from tests.test_producers import WorkspaceRecorder
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 WAIT = 15000  # ms, for the browser
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists() and not os.environ.get("SWITCHBOARD_REQUIRE_BROWSER"),
-        reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)",
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    ARTIFACTS.mkdir(exist_ok=True)
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        yield launched
-        await launched.close()
+pytestmark = BROWSER_TESTS
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 from array import array
 from collections.abc import AsyncIterator
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -21,43 +19,11 @@ from playwright.async_api import Browser, Page, Request, WebSocket
 from switchboard.producer import Producer
 from switchboard.simulate import SimulationPlan, Simulator
 from switchboard.simulate.runner import CallAudio
+from tests.browser import ARTIFACTS, BROWSER_TESTS
 from tests.harness import ServerThread, Workspace, eventually
 from tests.test_streams import new_call
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
-HAVE_BROWSER = Path(CHROMIUM).exists()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not HAVE_BROWSER and not os.environ.get("SWITCHBOARD_REQUIRE_BROWSER"),
-        reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)",
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """One Chromium for the module; each test gets a fresh context (its own sessionStorage)."""
-    from playwright.async_api import async_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        yield launched
-        await launched.close()
+pytestmark = BROWSER_TESTS
 
 
 @pytest.fixture

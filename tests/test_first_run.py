@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 from switchboard.cli import admin_command
 from switchboard.config import Settings
 from switchboard.events import CATALOGUE
-from switchboard.logs import access_level, configure_logging
+from switchboard.logs import access_level
 from switchboard.server import banner
 from switchboard.workspaces import NoSingleWorkspace, WorkspaceSummary, only_workspace
 from tests.harness import ServerThread, Workspace, eventually
@@ -142,30 +141,8 @@ def test_the_consoles_own_reads_log_at_debug_and_the_api_at_info() -> None:
     assert [access_level(*r) for r in loud] == [logging.INFO] * len(loud)
 
 
-@pytest.fixture
-def info_log() -> Iterator[io.StringIO]:
-    """The production console logging at INFO, written to a buffer, for one test."""
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    named = {n: logging.getLogger(n) for n in ("uvicorn", "uvicorn.error", "uvicorn.access")}
-    saved_named = {
-        n: (lg.handlers[:], lg.propagate, lg.disabled, lg.filters[:]) for n, lg in named.items()
-    }
-    buffer = io.StringIO()
-    configure_logging("console", "info", stream=buffer)
-    try:
-        yield buffer
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        for name, (handlers, propagate, disabled, filters) in saved_named.items():
-            logger = named[name]
-            logger.handlers[:], logger.propagate, logger.disabled = handlers, propagate, disabled
-            logger.filters[:] = filters
-
-
 async def test_a_console_left_open_does_not_flood_the_terminal(
-    server: ServerThread, workspace: Workspace, info_log: io.StringIO
+    server: ServerThread, workspace: Workspace, console_log: io.StringIO
 ) -> None:
     browser = {"Sec-Fetch-Site": "same-origin", **workspace.headers}
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
@@ -184,8 +161,8 @@ async def test_a_console_left_open_does_not_flood_the_terminal(
         assert placed.status_code == 201
         assert (await http.get("/v1/calls/call_0000000000000000", headers=browser)).is_error
 
-    await eventually(lambda: "GET /v1/calls/call_0000000000000000 404" in info_log.getvalue())
-    lines = info_log.getvalue().splitlines()
+    await eventually(lambda: "GET /v1/calls/call_0000000000000000 404" in console_log.getvalue())
+    lines = console_log.getvalue().splitlines()
     assert any("GET /v1/workspace 200" in line for line in lines)
     assert any("POST /v1/calls 201" in line for line in lines)
     for quiet in ("GET / 200", "GET /web/app.js 200", "GET /healthz 200", "GET /v1/calls 200"):

@@ -31,7 +31,7 @@ from switchboard.config import Settings, load_settings
 from switchboard.db.database import prepare_database
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
 from switchboard.ids import is_id, new_id
-from switchboard.logs import configure_logging, printable, redact
+from switchboard.logs import printable, redact
 from tests.harness import ServerThread, Workspace, eventually, new_workspace
 from tests.routes import fastapi_app, fill
 from tests.test_fuzz import Answer, read_answer
@@ -376,28 +376,6 @@ async def test_credentials_in_a_query_are_a_401_everywhere_but_token_on_the_call
     assert_envelope(await client.get(f"{stream}?tok%65n={key}"), 404, "NOT_FOUND")
     for query in (f"TOKEN={key}", f"access_token={key}", f"token={key}&api_key=x"):
         assert_envelope(await client.get(f"{stream}?{query}"), 401, "UNAUTHENTICATED")
-
-
-@pytest.fixture
-def console_log() -> Iterator[io.StringIO]:
-    """The production console logging, written to a buffer, for the length of one test."""
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    named = {n: logging.getLogger(n) for n in ("uvicorn", "uvicorn.error", "uvicorn.access")}
-    saved_named = {
-        n: (lg.handlers[:], lg.propagate, lg.disabled, lg.filters[:]) for n, lg in named.items()
-    }
-    buffer = io.StringIO()
-    configure_logging("console", "info", stream=buffer)
-    try:
-        yield buffer
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        for name, (handlers, propagate, disabled, filters) in saved_named.items():
-            logger = named[name]
-            logger.handlers[:], logger.propagate, logger.disabled = handlers, propagate, disabled
-            logger.filters[:] = filters
 
 
 async def test_the_log_holds_no_key_however_encoded_and_no_raw_control_characters(
