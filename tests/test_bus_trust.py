@@ -83,6 +83,24 @@ def turn(workspace_id: str, call_id: str, text: str = "hello") -> dict[str, Any]
     )
 
 
+def unrecordable(workspace_id: str) -> dict[str, Any]:
+    """A message Postgres refuses (a NUL in its text): it can never be recorded as it is."""
+    return make_envelope(
+        "message.received",
+        workspace_id=workspace_id,
+        channel="sms",
+        conversation_id=new_id("conv"),
+        payload={
+            "message_id": new_id("msg"),
+            "direction": "inbound",
+            "text": "nul \x00 here",
+            "status": "received",
+            "from_number": "+14155550100",
+            "to_number": "+14155550101",
+        },
+    )
+
+
 async def owner_fetch(database_url: str, query: str, *args: Any) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(database_url)
     try:
@@ -251,21 +269,7 @@ async def test_an_event_whose_conversation_never_appears_is_parked_and_replayabl
 async def test_an_event_that_fails_every_attempt_is_parked_not_retried_forever(
     consumers: Consumers, database_url: str, workspace: Workspace, bus: Client
 ) -> None:
-    # Postgres refuses a NUL in text: this event can never be recorded as it is.
-    poison = make_envelope(
-        "message.received",
-        workspace_id=workspace.id,
-        channel="sms",
-        conversation_id=new_id("conv"),
-        payload={
-            "message_id": new_id("msg"),
-            "direction": "inbound",
-            "text": "nul \x00 here",
-            "status": "received",
-            "from_number": "+14155550100",
-            "to_number": "+14155550101",
-        },
-    )
+    poison = unrecordable(workspace.id)
     await store_envelope(consumers.bus.js, poison)
     subject = conversation_events_subject(workspace.id, poison["conversation_id"])
 
@@ -342,20 +346,7 @@ async def test_a_poison_event_in_a_batch_of_its_workspace_spoils_none_of_the_oth
     # events are applied in one transaction, each in a savepoint.
     await consumers.recorder.stop()
     call_id = new_id("call")
-    poison = make_envelope(
-        "message.received",
-        workspace_id=workspace.id,
-        channel="sms",
-        conversation_id=new_id("conv"),
-        payload={
-            "message_id": new_id("msg"),
-            "direction": "inbound",
-            "text": "nul \x00 here",
-            "status": "received",
-            "from_number": "+14155550100",
-            "to_number": "+14155550101",
-        },
-    )
+    poison = unrecordable(workspace.id)
     early = turn(workspace.id, call_id, "before the start")  # waits for the call
     for envelope in (
         early,

@@ -125,24 +125,32 @@ def nats_of_its_own(tmp_path: Path) -> Iterator[str]:
     server.stop()
 
 
-class Stream:
-    """One raw SSE stream: its socket's local port names the process that accepted it."""
+class Connection:
+    """One raw keep-alive HTTP/1.1 connection to the serve: its socket's local port names the
+    process that accepted it, and every request on it reaches that process."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.local_port = int(writer.get_extra_info("sockname")[1])
 
     @classmethod
-    async def open(cls, url: str, key: str) -> Stream:
+    async def open(cls, url: str) -> Connection:
         host, port = url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(
-            f"GET /v1/events/stream HTTP/1.1\r\nHost: {host}\r\n"
-            f"Authorization: Bearer {key}\r\n\r\n".encode()
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    def request(self, path: str, key: str) -> None:
+        """Sends a GET; the answer is read by the caller."""
+        self.writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
         )
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        return cls(reader, writer)
+
+    async def get(self, path: str, key: str) -> tuple[int, dict[str, str]]:
+        self.request(path, key)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode()
+        status_line, *lines = head.strip().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        await self.reader.readexactly(int(headers["content-length"]))
+        return int(status_line.split()[1]), headers
 
     async def until_closed(self) -> bytes:
         """Everything the server writes until the response ends (its last, empty chunk; the
@@ -151,7 +159,16 @@ class Stream:
             return await self.reader.readuntil(b"\r\n0\r\n\r\n")
 
 
-def accepted_by(serve: Serve, streams: list[Stream]) -> dict[int, int]:
+async def open_stream(url: str, key: str) -> Connection:
+    """A connection holding the workspace stream open (its 200 read)."""
+    connection = await Connection.open(url)
+    connection.request("/v1/events/stream", key)
+    head = await connection.reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return connection
+
+
+def accepted_by(serve: Serve, streams: list[Connection]) -> dict[int, int]:
     """How many of the streams each process of the serve holds (pid -> count)."""
     ours = {s.local_port for s in streams}
     counts: dict[int, int] = {}
@@ -188,7 +205,7 @@ async def test_two_workers_share_the_port_and_revocations_and_drains_reach_both(
         assert running.url is not None
         async with httpx.AsyncClient(base_url=running.url, headers=workspace.headers) as http:
             created = (await http.post("/v1/keys", json={"name": "to revoke"})).json()
-            doomed = [await Stream.open(running.url, created["api_key"]) for _ in range(STREAMS)]
+            doomed = [await open_stream(running.url, created["api_key"]) for _ in range(STREAMS)]
             holders = await eventually(lambda: accepted_by(running, doomed))
             assert len(holders) == 2, f"every stream went to one process: {holders}"
             assert sum(holders.values()) == STREAMS
@@ -196,7 +213,7 @@ async def test_two_workers_share_the_port_and_revocations_and_drains_reach_both(
             assert (await http.delete(f"/v1/keys/{created['id']}")).status_code == 200
             for ended in await asyncio.gather(*(s.until_closed() for s in doomed)):
                 assert b"UNAUTHENTICATED" in ended, ended
-            survivors = [await Stream.open(running.url, workspace.key) for _ in range(STREAMS)]
+            survivors = [await open_stream(running.url, workspace.key) for _ in range(STREAMS)]
             assert len(await eventually(lambda: accepted_by(running, survivors))) == 2
             # /metrics answers for the whole serve, whichever process takes the scrape.
             for _ in range(4):
@@ -272,29 +289,6 @@ async def test_each_role_runs_alone_and_does_only_its_part(
         receiver.stop()
 
 
-class KeptAlive:
-    """One keep-alive HTTP/1.1 connection, so that its requests all reach the same process."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.local_port = int(writer.get_extra_info("sockname")[1])
-
-    @classmethod
-    async def open(cls, url: str) -> KeptAlive:
-        host, port = url.removeprefix("http://").split(":")
-        return cls(*await asyncio.open_connection(host, int(port)))
-
-    async def get(self, path: str, key: str) -> tuple[int, dict[str, str]]:
-        self.writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
-        )
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode()
-        status_line, *lines = head.strip().split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-        await self.reader.readexactly(int(headers["content-length"]))
-        return int(status_line.split()[1]), headers
-
-
 LIMIT = 40
 
 
@@ -314,16 +308,13 @@ async def test_the_request_limit_is_shared_by_two_workers(
     ) as running:
         assert running.url is not None
         # One kept-alive connection to each process.
-        pool = [await KeptAlive.open(running.url) for _ in range(16)]
-        pinned: dict[int, KeptAlive] = {}
+        pool = [await Connection.open(running.url) for _ in range(16)]
+        pinned: dict[int, Connection] = {}
 
         def holders() -> bool:
-            for worker in running.workers():
-                with contextlib.suppress(psutil.Error):
-                    for conn in worker.net_connections("tcp"):
-                        for kept in pool:
-                            if conn.raddr and conn.raddr.port == kept.local_port:
-                                pinned.setdefault(worker.pid, kept)
+            for kept in pool:
+                for pid in accepted_by(running, [kept]):
+                    pinned.setdefault(pid, kept)
             return len(pinned) == 2
 
         await eventually(holders)
@@ -365,7 +356,7 @@ async def test_a_worker_that_dies_is_started_again_and_the_other_keeps_its_strea
         own_database, nats_of_its_own, "--workers", "2", "--role", "api", data_dir=tmp_path / "d"
     ) as running:
         assert running.url is not None
-        streams = [await Stream.open(running.url, workspace.key) for _ in range(STREAMS)]
+        streams = [await open_stream(running.url, workspace.key) for _ in range(STREAMS)]
         holders = await eventually(lambda: accepted_by(running, streams))
         assert len(holders) == 2
         victim, survivor = sorted(holders)
