@@ -8,16 +8,13 @@ usage: SWITCHBOARD_API_KEY=pk_live_... .venv/bin/python examples/watch_workspace
 """
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 
-from switchboard.client import SwitchboardClient
+from switchboard.client import SwitchboardClient, script_arguments
 
 
 async def main(cursor_file: Path, kept: str | None) -> None:
-    urls = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8080").split(",")
-    async with SwitchboardClient(urls, os.environ["SWITCHBOARD_API_KEY"]) as sb:
+    async with SwitchboardClient.from_environment() as sb:
         events = sb.events(
             ["call.completed", "message.*"],
             last_event_id=kept or None,
@@ -30,19 +27,6 @@ async def main(cursor_file: Path, kept: str | None) -> None:
                 await asyncio.to_thread(cursor_file.write_text, events.cursor)
 
 
-def arguments(count: int) -> list[str]:
-    """The script's arguments; without them, or without a key, its usage and exit status 2."""
-    problem = None
-    if len(sys.argv) != count + 1 or sys.argv[1] in ("-h", "--help"):
-        problem = f"expected {count} argument{'s' if count > 1 else ''}"
-    elif not os.environ.get("SWITCHBOARD_API_KEY"):
-        problem = "SWITCHBOARD_API_KEY is not set"
-    if problem is not None:
-        print(f"{__doc__}\n{problem}", file=sys.stderr)
-        sys.exit(2)
-    return sys.argv[1:]
-
-
 if __name__ == "__main__":
-    path = Path(arguments(1)[0])
+    path = Path(script_arguments(__doc__ or "", 1)[0])
     asyncio.run(main(path, path.read_text().strip() if path.exists() else None))

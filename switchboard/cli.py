@@ -12,6 +12,7 @@ from typing import Any
 import click
 import orjson
 
+from switchboard.client.environment import DEFAULT_URL, server_urls
 from switchboard.config import Settings, SettingsError, load_settings
 from switchboard.logs import configure_logging
 
@@ -394,14 +395,10 @@ def simulate(
         _run(go(database_url, nats_url))
 
 
-DEFAULT_URL = "http://127.0.0.1:8080"
-
-
 def _urls(_context: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> list[str]:
     """Every --url, and SWITCHBOARD_URL, may hold several URLs, comma- or space-separated (the
     examples read SWITCHBOARD_URL the same way)."""
-    urls = [url for value in values for url in value.replace(",", " ").split()]
-    return urls or [DEFAULT_URL]
+    return server_urls(*values)
 
 
 def client_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -129,3 +129,20 @@ def test_redaction_scrubs_keys_stream_tokens_and_token_values() -> None:
 def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().port = 1  # type: ignore[misc]
+
+
+async def test_client_scripts_find_their_servers_as_the_cli_does() -> None:
+    from switchboard.client import SwitchboardClient, server_urls
+    from switchboard.client.environment import DEFAULT_URL
+
+    assert server_urls() == server_urls("", " ") == [DEFAULT_URL]
+    assert server_urls("http://a:1, http://b:2", "http://c:3") == [
+        "http://a:1",
+        "http://b:2",
+        "http://c:3",
+    ]
+    env = {"SWITCHBOARD_URL": "http://a:1 http://b:2/", "SWITCHBOARD_API_KEY": "pk_live_x"}
+    async with SwitchboardClient.from_environment(env) as sb:
+        assert sb.base_urls == ("http://a:1", "http://b:2") and sb.api_key == "pk_live_x"
+    async with SwitchboardClient.from_environment({"SWITCHBOARD_API_KEY": "k"}) as sb:
+        assert sb.base_urls == (DEFAULT_URL,)

@@ -14,6 +14,7 @@ server did not know the cursor) is reported through `on_reset` and `stream.posit
             print(turn["role"], turn["text"], "(final)" if turn["is_final"] else "")
 """
 
+from switchboard.client.environment import script_arguments, server_urls
 from switchboard.client.resume import Position
 from switchboard.client.streams import (
     CallSocket,
@@ -30,4 +31,6 @@ __all__ = [
     "StreamClosed",
     "StreamError",
     "SwitchboardClient",
+    "script_arguments",
+    "server_urls",
 ]

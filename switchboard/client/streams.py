@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
@@ -17,6 +18,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from switchboard.client.environment import server_urls
 from switchboard.client.resume import (
     RETRYABLE_STATUSES,
     End,
@@ -81,6 +83,13 @@ class SwitchboardClient:
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=httpx.Timeout(10.0, read=None),
         )
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] | None = None) -> SwitchboardClient:
+        """The servers in `SWITCHBOARD_URL` (default: the local one) and the key in
+        `SWITCHBOARD_API_KEY`."""
+        environ = os.environ if env is None else env
+        return cls(server_urls(environ.get("SWITCHBOARD_URL", "")), environ["SWITCHBOARD_API_KEY"])
 
     async def __aenter__(self) -> SwitchboardClient:
         return self
