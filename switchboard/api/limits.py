@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from switchboard.api.handoff import handoff_of
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
 from switchboard.auth.policy import is_stream_path
@@ -60,7 +61,8 @@ class WorkspaceLimits:
         try:
             await self.app(scope, receive, send)
         finally:
-            self.limits.close_stream(workspace_id)
+            # Held until the stream ends, which may be after this call (api/handoff.py).
+            handoff_of(scope).release(lambda: self.limits.close_stream(workspace_id))
 
 
 def with_rate_headers(send: Send, verdict: Verdict) -> Send:

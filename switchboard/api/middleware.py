@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.utils import ClientDisconnected
 
+from switchboard.api.handoff import handoff_of
 from switchboard.api.responses import body_too_large, error_for_exception, send_error
 from switchboard.auth.authenticator import Authenticator, AuthFailure
 from switchboard.auth.keys import MalformedAuthorization, bearer_credential
@@ -123,17 +124,24 @@ class RequestContext:
             if self.outages["bus"].down and self.bus_connected():
                 self.outages["bus"].recovered()
             method = scope.get("method", "WS")
-            access_log.log(
-                access_level(method, path, progress.status, _header(scope, b"sec-fetch-site")),
-                "%s %s %s",
-                method,
-                path,
-                progress.status,
-                extra={
-                    "request_id": request_id,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                },
-            )
+            level = access_level(method, path, progress.status, _header(scope, b"sec-fetch-site"))
+            status = progress.status
+
+            def log_access() -> None:
+                access_log.log(
+                    level,
+                    "%s %s %s",
+                    method,
+                    path,
+                    status,
+                    extra={
+                        "request_id": request_id,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                    },
+                )
+
+            # A stream whose connection outlives this call is logged when it ends.
+            handoff_of(scope).release(log_access)
 
     async def _failed(self, scope: Scope, error: Exception, progress: Progress, send: Send) -> None:
         dependency = unavailable_dependency(error)

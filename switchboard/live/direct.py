@@ -10,8 +10,9 @@ stream with something else queued takes the old path through its outbox and writ
 the 64-frame bound, gap notices and the stall cut-off all work as before.
 
 The frame is framed here as the server would have: an HTTP/1.1 chunk for SSE (uvicorn sends a
-stream without a length chunked), a text frame for the WebSocket (unmasked, never fragmented,
-no compression: the server negotiates none). Each framing is made once per frame, not once per
+stream without a length chunked; the SSE stream's own connection, live/sse_connection.py, writes
+it), a text frame for the WebSocket (unmasked, never fragmented, no compression: the server
+negotiates none). Each framing is made once per frame, not once per
 client: the hub offers the same object to every watcher in a row."""
 
 from __future__ import annotations
@@ -76,34 +77,6 @@ def websocket_binary(chunk: AudioChunk) -> bytes:
     if chunk is not _binary_cache.frame:
         _binary_cache.frame, _binary_cache.wire = chunk, _websocket_frame(0x2, chunk.pcm)
     return _binary_cache.wire
-
-
-class SseDirect:
-    """Writes SSE frames into an open response of uvicorn's httptools protocol."""
-
-    __slots__ = ("counter", "cycle", "kind", "transport")
-
-    def __init__(self, protocol: Any, counter: dict[str, int], kind: str) -> None:
-        self.cycle = protocol.cycle
-        self.transport: asyncio.WriteTransport = protocol.transport
-        self.counter = counter
-        self.kind = kind
-
-    def __call__(self, frame: Frame) -> bool:
-        cycle = self.cycle
-        transport = self.transport
-        if (
-            cycle.disconnected
-            or cycle.response_complete
-            or cycle.flow.write_paused
-            or transport.is_closing()
-            or transport.get_write_buffer_size() > BACKLOG_BYTES
-            or not isinstance(frame, bytes)
-        ):
-            return False
-        transport.write(http_chunk(frame) if cycle.chunked_encoding else frame)
-        self.counter[self.kind] += 1
-        return True
 
 
 class WebSocketDirect:

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.types import Message, Scope, Send
 
 from switchboard.api.deps import Services
+from switchboard.api.handoff import handoff_of, in_background
 from switchboard.api.http_protocol import CONNECTION_EXTENSION
 from switchboard.api.responses import send_error
 from switchboard.errors import ApiError
@@ -69,21 +70,31 @@ class StreamEndpoint:
 
     @asynccontextmanager
     async def watching(
-        self, workspace_id: str, watches: list[tuple[str, View]], outbox: Outbox
+        self, scope: Scope, workspace_id: str, watches: list[tuple[str, View]], outbox: Outbox
     ) -> AsyncIterator[None]:
         """Subscribes the outbox (before the caller reads any state, so nothing that happens
-        in between is missed) and always unsubscribes it, however the stream ends."""
+        in between is missed) and always unsubscribes it, however the stream ends: when the
+        request returns, or, for a stream whose connection was taken over (api/handoff.py),
+        when that connection ends."""
         hub = self.services.hub
         if not self.services.bus.connected:
             # Fail at once (503): a subscription now would wait for its flush to time out.
             raise BusUnavailable("the bus is not connected")
+
+        async def unwatch() -> None:
+            for subject, view in watches:
+                await hub.unwatch(subject, view, outbox)
+
         try:
             for subject, view in watches:
                 await hub.watch(subject, workspace_id, view, outbox)
             yield
         finally:
-            for subject, view in watches:
-                await hub.unwatch(subject, view, outbox)
+            handoff = handoff_of(scope)
+            if handoff.taken:
+                handoff.release(lambda: in_background(unwatch()))
+            else:
+                await unwatch()
 
     async def path_id(self, scope: Scope, send: Send, name: str, prefix: str) -> str | None:
         """The well-formed id in the path, or None after answering 400. The check also keeps

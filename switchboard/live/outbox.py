@@ -25,7 +25,43 @@ Item = Frame | Terminal
 GapFrame = Callable[[int, str | None], Frame]
 
 
+class Idle:
+    """What `poll` returns when there is nothing to write."""
+
+    __slots__ = ()
+
+
+IDLE = Idle()  # the one instance
+
+
 class Outbox:
+    # Slots: thousands of outboxes live at once, and a dict of these attributes each would
+    # cost more than the rest of the outbox.
+    __slots__ = (
+        "_frames",
+        "_on_drop",
+        "_priority",
+        "_room",
+        "_terminal",
+        "_waiter",
+        "aborted",
+        "audio",
+        "capacity",
+        "direct",
+        "direct_audio",
+        "dropped",
+        "gap",
+        "heartbeat_due",
+        "idle",
+        "last_cursor",
+        "last_write",
+        "owed_gap",
+        "ready",
+        "skip_through",
+        "wants",
+        "writing_since",
+    )
+
     def __init__(
         self,
         capacity: int,
@@ -72,6 +108,9 @@ class Outbox:
         self.direct: Callable[[Frame], bool] | None = None
         self.direct_audio: Callable[[AudioChunk], bool] | None = None  # the same, for audio
         self.idle = False  # the writer is waiting in `next` with nothing to write
+        # Set instead of a writer task once a connection of ours owns the stream
+        # (live/sse_connection.py): called when there is something to write.
+        self.ready: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -191,8 +230,11 @@ class Outbox:
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.ready is not None:
+            self.ready()
 
     def end(self, terminal: Terminal) -> None:
         """Ends the stream after what is already queued; the first ending wins."""
@@ -231,42 +273,58 @@ class Outbox:
         return batch
 
     @overload
+    def poll(self) -> Item | Idle | None: ...
+
+    @overload
+    def poll(self, *, audio: Literal[True]) -> Item | AudioChunk | Idle | None: ...
+
+    def poll(self, *, audio: bool = False) -> Item | AudioChunk | Idle | None:
+        """The next reply or frame, then the terminal, without waiting: None when a heartbeat is
+        due or the outbox was aborted, IDLE when there is nothing to write.
+
+        With `audio` (a writer that also sends audio), a chunk only when no reply, frame or
+        terminal is waiting; at the end the terminal comes first and unsent audio is dropped."""
+        if self.aborted:
+            return None
+        if self.heartbeat_due:
+            self.heartbeat_due = False
+            return None
+        if self._priority:
+            reply = self._priority.pop(0)
+            self._replies_taken()
+            return reply
+        self._skip_replayed()
+        if self._frames:
+            return self._frames.pop(0)[1]
+        if self.owed_gap and self.gap is not None:
+            # Caught up after drops with nothing newer to precede: say so now, not only
+            # before a next frame that may never come (the call may have gone quiet).
+            notice = self.gap(self.owed_gap, self.last_cursor)
+            self.owed_gap = 0
+            return notice
+        if self._terminal is not None:
+            return self._terminal
+        if audio and self.audio is not None:
+            chunk = self.audio.pop()
+            if chunk is not None:
+                return chunk
+        return IDLE
+
+    @overload
     async def next(self) -> Item | None: ...
 
     @overload
     async def next(self, *, audio: Literal[True]) -> Item | AudioChunk | None: ...
 
     async def next(self, *, audio: bool = False) -> Item | AudioChunk | None:
-        """The next reply or frame, then the terminal. None when a heartbeat is due or the
-        outbox was aborted. There is no timeout: the registry's ticker wakes idle writers.
-
-        With `audio` (a writer that also sends audio), a chunk only when no reply, frame or
-        terminal is waiting; at the end the terminal comes first and unsent audio is dropped."""
-        while not self.aborted:
-            if self.heartbeat_due:
-                self.heartbeat_due = False
-                return None
-            if self._priority:
-                reply = self._priority.pop(0)
-                self._replies_taken()
-                return reply
-            self._skip_replayed()
-            if self._frames:
-                return self._frames.pop(0)[1]
-            if self.owed_gap and self.gap is not None:
-                # Caught up after drops with nothing newer to precede: say so now, not only
-                # before a next frame that may never come (the call may have gone quiet).
-                notice = self.gap(self.owed_gap, self.last_cursor)
-                self.owed_gap = 0
-                return notice
-            if self._terminal is not None:
-                return self._terminal
-            if audio and self.audio is not None:
-                chunk = self.audio.pop()
-                if chunk is not None:
-                    return chunk
+        """`poll`, waiting while there is nothing to write. There is no timeout: the registry's
+        ticker wakes idle writers."""
+        while True:
+            item = self.poll(audio=True) if audio else self.poll()
+            if not isinstance(item, Idle):
+                return item
             # Nothing to do: wait to be woken. Nothing can wake the writer between the checks
-            # above and this (one thread), so no wake-up is lost.
+            # in `poll` and this (one thread), so no wake-up is lost.
             self._waiter = asyncio.get_running_loop().create_future()
             self.idle = True
             try:
@@ -274,4 +332,3 @@ class Outbox:
             finally:
                 self.idle = False
                 self._waiter = None
-        return None

@@ -14,6 +14,7 @@ import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from switchboard.api.deps import Services
+from switchboard.api.handoff import handoff_of
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
 from switchboard.bus.stored import Stored
@@ -30,7 +31,6 @@ from switchboard.events import (
     workspace_events_subject,
 )
 from switchboard.live.cursor import cursor_text
-from switchboard.live.direct import SseDirect
 from switchboard.live.endpoint import (
     StreamEndpoint,
     hang_up_of_this_connection,
@@ -50,6 +50,7 @@ from switchboard.live.history import stored_call
 from switchboard.live.hub import View, encode, turn_frame
 from switchboard.live.outbox import Frame, Outbox
 from switchboard.live.resume import SendFrames, Start, locate, query_value, replay, requested_cursor
+from switchboard.live.sse_connection import take_over
 
 BATCH = 64  # frames joined into one write when a client has fallen behind
 EVENT_TYPE_PREFIX = re.compile(r"[a-z_.]*")
@@ -86,6 +87,7 @@ async def pump_sse(
         heartbeats=True,
         hang_up=hang_up_of_this_connection(scope),
     )
+    handoff = handoff_of(scope)
     send = timed_send(send, outbox)
     protocol = protocol_of_this_connection(scope)
     listener: asyncio.Task[None] | None = None
@@ -99,7 +101,19 @@ async def pump_sse(
         if before_live is not None:
             await before_live(send)
         if protocol is not None:
-            outbox.direct = SseDirect(protocol, metrics.frames_sent, kind)
+            if not outbox.aborted:
+                # Live: the connection is ours from here, and this call returns (see
+                # live/sse_connection.py); what it holds is released when the stream ends.
+                take_over(
+                    protocol,
+                    outbox,
+                    handoff,
+                    kind=kind,
+                    frames_sent=metrics.frames_sent,
+                    heartbeats=metrics.heartbeats,
+                )
+            return
+        # Under another server: a writer loop of our own, until the stream ends.
         while True:
             item = await outbox.next()
             if outbox.aborted:
@@ -116,7 +130,7 @@ async def pump_sse(
             await send({"type": "http.response.body", "body": body, "more_body": True})
             metrics.frames_sent[kind] += len(batch)
     finally:
-        services.registry.remove(outbox)
+        handoff.release(lambda: services.registry.remove(outbox))
         if listener is not None:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -155,7 +169,7 @@ class TranscriptStream(StreamEndpoint):
             (subject, View.TRANSCRIPT),
             (call_events_subject(ws, call_id), View.TRANSCRIPT_END),
         ]
-        async with self.watching(ws, watches, outbox):
+        async with self.watching(scope, ws, watches, outbox):
             status = await services.database.call_status(ws, call_id)
             ended = status not in (None, "in_progress")
             if not ended:
@@ -258,7 +272,7 @@ class ConversationStream(StreamEndpoint):
         ws = principal.workspace_id
         outbox = self.new_outbox(gap=sse_gap)
         subject = conversation_events_subject(ws, conversation_id)
-        async with self.watching(ws, [(subject, View.CONVERSATION)], outbox):
+        async with self.watching(scope, ws, [(subject, View.CONVERSATION)], outbox):
             if not await services.database.conversation_exists(ws, conversation_id):
                 await send_error(scope, send, not_found("conversation", conversation_id))
                 return
@@ -369,7 +383,7 @@ class WorkspaceStream(ConversationStream):
         ws = principal.workspace_id
         outbox = self.new_outbox(gap=sse_gap, wants=wants)
         subject = workspace_events_subject(ws)
-        async with self.watching(ws, [(subject, View.CONVERSATION)], outbox):
+        async with self.watching(scope, ws, [(subject, View.CONVERSATION)], outbox):
             await self.envelopes(
                 scope, receive, send, subject, outbox, lambda stored: in_workspace(stored, ws)
             )

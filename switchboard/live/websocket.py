@@ -101,7 +101,7 @@ class CallEventSocket(StreamEndpoint):
         outbox = self.new_outbox(gap=ws_gap)
         cursor = query_value(scope, "last_event_id")
         async with self.watching(
-            ws, [(call_events_subject(ws, call_id), View.CALL_EVENTS)], outbox
+            scope, ws, [(call_events_subject(ws, call_id), View.CALL_EVENTS)], outbox
         ):
             status = await services.database.call_status(ws, call_id)
             # A call the recorder has not written yet exists if the bus holds its start.
