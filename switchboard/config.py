@@ -50,6 +50,10 @@ class Settings:
     # and requests in each wall-clock minute; over either, 429 RATE_LIMITED.
     workspace_max_streams: int = 1000
     workspace_rate_per_minute: int = 20000
+    # How much of the minute's quota a workspace may send at once, in seconds of its average
+    # rate (a token bucket shared the same way); the rest comes at that rate, so one workspace
+    # cannot spend its minute in seconds and crowd out the others (docs/decisions.md).
+    workspace_burst_seconds: float = 2.0
     # The application role's password; unset, a random one kept in the database is used.
     app_role_password: str | None = field(default=None, repr=False)
 

@@ -165,6 +165,7 @@ async def open_services(settings: Settings, database_url: str, nats_url: str) ->
         bus,
         rate_per_minute=settings.workspace_rate_per_minute,
         max_streams=settings.workspace_max_streams,
+        burst_seconds=settings.workspace_burst_seconds,
     )
     await limits.start()
     services = Services(settings, database, bus, authenticator, metrics, hub, registry, limits)

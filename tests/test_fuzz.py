@@ -13,12 +13,14 @@ import base64
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
+import pytest
 
 from switchboard.ids import new_id
 from tests.harness import ServerThread, Workspace
@@ -546,6 +548,15 @@ def body_fields(server: ServerThread) -> dict[tuple[str, str], list[str]]:
             properties = components.get(ref.rsplit("/", 1)[-1], {}).get("properties", {})
             found[(method.upper(), path)] = list(properties)
     return found
+
+
+@pytest.fixture(scope="module")
+def server(make_server: Callable[..., ServerThread]) -> ServerThread:
+    """A server whose burst allowance is the whole minute: ten thousand requests of one
+    workspace as fast as four connections go would otherwise be refused after the first few
+    hundred, and this test is about what the routes answer, not the limits
+    (tests/test_limits.py)."""
+    return make_server(workspace_burst_seconds=60.0)
 
 
 async def test_ten_thousand_random_requests_get_no_5xx_and_no_dropped_connection(

@@ -1,7 +1,7 @@
-"""Per-workspace limits (SPEC 6, "Limits"): requests a minute and open streams, counted across
-replicas through the bus, answered 429 `RATE_LIMITED` with `Retry-After` and the
-`X-RateLimit-*` headers, and blind to other workspaces. The bookkeeping itself is tested as a
-pure core below."""
+"""Per-workspace limits (SPEC 6, "Limits"): requests a minute, the burst allowance that paces
+them, and open streams, counted across replicas through the bus, answered 429 `RATE_LIMITED`
+with `Retry-After` and the `X-RateLimit-*` headers, and blind to other workspaces. The
+bookkeeping itself is tested as a pure core in tests/test_limit_book.py."""
 
 from __future__ import annotations
 
@@ -14,80 +14,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from switchboard.limits.book import (
-    STALE_AFTER,
-    WINDOW_SECONDS,
-    LimitBook,
-    request_key,
-    seconds_to_reset,
-    stream_key,
-)
+from switchboard.limits.book import WINDOW_SECONDS, seconds_to_reset
 from tests.harness import ServerThread, Workspace, eventually
-
-# --- the pure core ---------------------------------------------------------------------------
-
-T0 = 1_000_000 * WINDOW_SECONDS + 5.0  # five seconds into a window
-
-
-def test_requests_are_refused_at_the_limit_and_refusals_are_not_counted() -> None:
-    book = LimitBook("me", rate_per_minute=3, max_streams=10)
-    verdicts = [book.admit_request("ws_a", T0) for _ in range(5)]
-    assert [v.allowed for v in verdicts] == [True, True, True, False, False]
-    assert [v.remaining for v in verdicts] == [2, 1, 0, 0, 0]
-    assert book.requests_used("ws_a", T0) == 3
-    assert verdicts[0].reset == 55
-    # The next window starts from zero: the refusals did not count.
-    assert book.admit_request("ws_a", T0 + WINDOW_SECONDS).allowed
-    assert book.admit_request("ws_b", T0).allowed  # another workspace is untouched
-
-
-def test_the_other_processes_reports_count_and_this_ones_own_echo_does_not() -> None:
-    book = LimitBook("me", rate_per_minute=10, max_streams=3)
-    window = int(T0 // WINDOW_SECONDS)
-    book.apply(request_key(window, "ws_a", "peer1"), b"4", T0)
-    book.apply(request_key(window, "ws_a", "peer2"), b"5", T0)
-    book.apply(request_key(window, "ws_a", "me"), b"9", T0)  # our own report, heard back
-    book.apply(request_key(window - 1, "ws_a", "peer3"), b"9", T0)  # a window that is over
-    assert book.admit_request("ws_a", T0).remaining == 0
-    assert not book.admit_request("ws_a", T0).allowed
-    # A peer's later report replaces its earlier one (a count, not an increment).
-    book.apply(request_key(window, "ws_a", "peer2"), b"5", T0)
-    assert not book.admit_request("ws_a", T0).allowed
-
-
-def test_streams_of_a_process_that_stopped_reporting_stop_counting() -> None:
-    book = LimitBook("me", rate_per_minute=10, max_streams=3)
-    book.apply(stream_key("ws_a", "peer"), b"2 %.3f" % T0, T0)
-    assert book.open_stream("ws_a", T0).allowed
-    assert not book.open_stream("ws_a", T0 + 1).allowed
-    assert book.open_stream("ws_a", T0 + STALE_AFTER + 1).allowed  # the peer went quiet
-    book.close_stream("ws_a")
-    book.close_stream("ws_a")
-    assert book.open_streams("ws_a", T0) == 2  # only the peer's, still fresh at T0
-
-
-def test_reports_carry_what_changed_and_refresh_repeats_open_streams() -> None:
-    book = LimitBook("me", rate_per_minute=10, max_streams=3)
-    book.admit_request("ws_a", T0)
-    book.admit_request("ws_a", T0)
-    book.open_stream("ws_b", T0)
-    window = int(T0 // WINDOW_SECONDS)
-    assert dict(book.reports(T0)) == {
-        request_key(window, "ws_a", "me"): b"2",
-        stream_key("ws_b", "me"): b"1 %.3f" % T0,
-    }
-    assert book.reports(T0) == []
-    book.refresh()
-    assert [k for k, _ in book.reports(T0 + 10)] == [stream_key("ws_b", "me")]
-    book.apply("garbage", b"x", T0)  # malformed reports are ignored
-    book.apply(stream_key("ws_c", "peer"), b"not a count", T0)
-    assert book.open_streams("ws_c", T0) == 0
-
-
-def test_reset_is_whole_seconds_to_the_windows_end_and_never_zero() -> None:
-    assert seconds_to_reset(T0) == 55
-    assert seconds_to_reset(T0 - 5.0 + 59.999) == 1
-
 
 # --- two replicas on one bus -----------------------------------------------------------------
 
@@ -98,7 +26,13 @@ STREAMS = 2
 
 @pytest.fixture(scope="module")
 def limited_pair(make_server: Callable[..., ServerThread]) -> Pair:
-    limits = {"workspace_rate_per_minute": RATE, "workspace_max_streams": STREAMS}
+    limits = {
+        "workspace_rate_per_minute": RATE,
+        "workspace_max_streams": STREAMS,
+        # A burst of the whole minute: these tests are about the minute's count and the stream
+        # slots; the burst allowance has its own pair below.
+        "workspace_burst_seconds": float(WINDOW_SECONDS),
+    }
     return make_server(**limits), make_server(**limits)
 
 
@@ -223,3 +157,57 @@ async def test_open_streams_are_capped_across_replicas_and_a_closed_one_frees_it
                 return status == 200
 
         assert await eventually(reopened, within=5)
+
+
+# --- the burst allowance across two replicas -------------------------------------------------
+
+# Six requests a minute, at most five at once: the fifth takes the allowance's last token
+# while the minute still has room, so the sixth is refused by the allowance alone. A token
+# comes back every 10 s, far longer than the test takes, so the counts below are exact.
+PACED_RATE = 6
+BURST = 5
+
+
+@pytest.fixture(scope="module")
+def paced_pair(make_server: Callable[..., ServerThread]) -> Pair:
+    limits = {
+        "workspace_rate_per_minute": PACED_RATE,
+        "workspace_burst_seconds": BURST * WINDOW_SECONDS / PACED_RATE,
+    }
+    return make_server(**limits), make_server(**limits)
+
+
+async def test_a_burst_beyond_the_allowance_is_refused_across_replicas_with_the_headers(
+    paced_pair: Pair, workspace: Workspace, other_workspace: Workspace
+) -> None:
+    a, b = paced_pair
+    async with httpx.AsyncClient(base_url=a.url) as on_a, httpx.AsyncClient(base_url=b.url) as on_b:
+        # Spending under the allowance is admitted; Remaining counts down what is really left
+        # (the tokens, fewer than the minute's rest).
+        remaining = []
+        for _ in range(3):
+            response = await on_a.get("/v1/workspace", headers=workspace.headers)
+            assert response.status_code == 200
+            assert response.headers["x-ratelimit-limit"] == str(PACED_RATE)
+            remaining.append(int(response.headers["x-ratelimit-remaining"]))
+        assert remaining == [4, 3, 2]
+        await eventually(lambda: known_usage(b, workspace.id) == 3, within=5)
+        # Replica B has heard A's three: it admits the last two tokens, then refuses.
+        answers = [await on_b.get("/v1/workspace", headers=workspace.headers) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429]
+        assert [r.headers["x-ratelimit-remaining"] for r in answers] == ["1", "0", "0"]
+        refused = answers[-1]
+        assert refused.json()["error_code"] == "RATE_LIMITED"
+        assert f"at most {BURST} at once" in refused.json()["message"]
+        retry_after = int(refused.headers["retry-after"])
+        assert 1 <= retry_after <= WINDOW_SECONDS // PACED_RATE  # the next token, not the minute
+        assert refused.headers["x-ratelimit-reset"] == str(retry_after)
+        assert refused.headers["x-ratelimit-limit"] == str(PACED_RATE)
+        # Replica A refuses too once it hears B's two; a stream's open as well.
+        await eventually(lambda: known_usage(a, workspace.id) == BURST, within=5)
+        assert (await on_a.get("/v1/workspace", headers=workspace.headers)).status_code == 429
+        async with open_stream(on_a, workspace) as status:
+            assert status == 429
+        # The refusals were not counted, on either replica; another workspace is untouched.
+        assert known_usage(a, workspace.id) == known_usage(b, workspace.id) == BURST
+        assert (await on_a.get("/v1/workspace", headers=other_workspace.headers)).status_code == 200

@@ -305,6 +305,9 @@ async def test_the_request_limit_is_shared_by_two_workers(
         *("--workers", "2", "--role", "api"),
         data_dir=tmp_path / "d",
         workspace_rate_per_minute=str(LIMIT),
+        # A burst of the whole minute: this test is about the minute's count shared by the
+        # workers (the burst allowance is tested in test_limits).
+        workspace_burst_seconds="60",
     ) as running:
         assert running.url is not None
         # One kept-alive connection to each process.

@@ -69,8 +69,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (
             429,
             "RATE_LIMITED: the workspace is over SWITCHBOARD_WORKSPACE_RATE_PER_MINUTE requests "
-            "a minute or SWITCHBOARD_WORKSPACE_MAX_STREAMS open streams, across all replicas; "
-            "see Retry-After and X-RateLimit-Limit / -Remaining / -Reset",
+            "a minute, or sends them faster than its burst allowance "
+            "(SWITCHBOARD_WORKSPACE_BURST_SECONDS of that rate at once), or is over "
+            "SWITCHBOARD_WORKSPACE_MAX_STREAMS open streams, across all replicas; see "
+            "Retry-After and X-RateLimit-Limit / -Remaining / -Reset",
         ),
         (500, "INTERNAL: a bug; the body never carries a stack trace"),
         (503, "UNAVAILABLE: a dependency is down and nothing was changed; see Retry-After"),

@@ -1,9 +1,10 @@
 """The per-workspace quotas at the door (SPEC 6, "Limits"): every authenticated `/v1` request
 counts against its workspace's requests a minute, and every stream holds one of its open-stream
-slots until it ends. Over either, 429 `RATE_LIMITED` with `Retry-After` and the
-`X-RateLimit-*` headers; an admitted response that is not a stream carries the request-rate
-headers too, so a client can pace itself before it is refused (a stream's would be stale at
-once, and wrapping its every write for hours costs memory for nothing)."""
+slots until it ends. Over either, or faster than the burst allowance lets the minute be spent,
+429 `RATE_LIMITED` with `Retry-After` and the `X-RateLimit-*` headers (`limits/book.py` says
+what they mean); an admitted response that is not a stream carries the request-rate headers
+too, so a client can pace itself before it is refused (a stream's would be stale at once, and
+wrapping its every write for hours costs memory for nothing)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,21 @@ from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
 from switchboard.auth.policy import is_stream_path
 from switchboard.errors import ApiError
-from switchboard.limits.book import Verdict
+from switchboard.limits.book import BURST, OPEN_STREAMS, Verdict
 from switchboard.limits.shared import SharedLimits
 from switchboard.live.metrics import Metrics
 
 
-def refusal(verdict: Verdict, what: str) -> ApiError:
+def refusal(verdict: Verdict, burst: int) -> ApiError:
+    if verdict.kind == BURST:
+        over = f"pace: {verdict.limit} requests a minute, at most {burst} at once"
+    elif verdict.kind == OPEN_STREAMS:
+        over = f"limit of {verdict.limit} open streams"
+    else:
+        over = f"limit of {verdict.limit} requests a minute"
     return ApiError(
         "RATE_LIMITED",
-        f"This workspace is over its limit of {verdict.limit} {what}; "
-        f"retry after {verdict.reset} s.",
+        f"This workspace is over its {over}; retry after {verdict.reset} s.",
         retry_after=verdict.reset,
         headers=verdict.headers(),
     )
@@ -45,18 +51,19 @@ class WorkspaceLimits:
             await self.app(scope, receive, send)
             return
         workspace_id = principal.workspace_id
-        verdict = self.limits.admit_request(workspace_id)
+        stream = is_stream_path(scope["path"])
+        # A stream's open is also a request: open_stream checks both and counts both, or
+        # neither (a refusal changes no count).
+        if stream:
+            verdict = self.limits.open_stream(workspace_id)
+        else:
+            verdict = self.limits.admit_request(workspace_id)
         if not verdict.allowed:
-            self.refused["requests_per_minute"] += 1
-            await send_error(scope, send, refusal(verdict, "requests a minute"))
+            self.refused[verdict.kind] += 1
+            await send_error(scope, send, refusal(verdict, self.limits.book.burst))
             return
-        if not is_stream_path(scope["path"]):
+        if not stream:
             await self.app(scope, receive, with_rate_headers(send, verdict))
-            return
-        slot = self.limits.open_stream(workspace_id)
-        if not slot.allowed:
-            self.refused["open_streams"] += 1
-            await send_error(scope, send, refusal(slot, "open streams"))
             return
         try:
             await self.app(scope, receive, send)

@@ -6,11 +6,14 @@ stream keeps the latest per key (so a process that starts mid-window loads what 
 admitted so far, and a restarted process's earlier admissions keep counting under its old
 name), and every process's subscription on the same subjects hears them at once. Nothing waits
 on the bus in the request path: a decision uses the counts already heard, and a changed count
-is reported within `REPORT_PACE` seconds. So the limit can be passed by what the *other*
+is reported within `REPORT_PACE` seconds. So each limit can be passed by what the *other*
 processes admit in one report interval plus one bus hop (about 6 ms on one machine): at most
-`(processes - 1) x (their admission rate for that workspace) x ~6 ms`, a few requests at the
-default 20,000 a minute, and the same for concurrent stream opens. With the bus down
-each process keeps counting alone and reports when it is back."""
+`(processes - 1) x (their admission rate for that workspace) x ~6 ms`, a few requests, and the
+same for concurrent stream opens. For the minute that is the whole overshoot. The burst
+allowance takes it back: requests heard of late are a debt on the bucket, so over any stretch
+the workspace is admitted at most its burst, plus the average rate times the stretch, plus
+those few in flight. With the bus down each process keeps counting alone (each admits the
+whole quota) and reports when it is back."""
 
 from __future__ import annotations
 
@@ -47,11 +50,12 @@ class SharedLimits:
         *,
         rate_per_minute: int,
         max_streams: int,
+        burst_seconds: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
         self.clock = clock
-        self.book = LimitBook(secrets.token_hex(6), rate_per_minute, max_streams)
+        self.book = LimitBook(secrets.token_hex(6), rate_per_minute, max_streams, burst_seconds)
         self._changed = asyncio.Event()
         self._subscription: Subscription | None = None
         self._reporter: asyncio.Task[None] | None = None
@@ -101,7 +105,7 @@ class SharedLimits:
             with contextlib.suppress(NatsError, asyncio.TimeoutError):
                 entry = await asyncio.wait_for(kv.get(key), LOAD_TIMEOUT)
                 if entry.value is not None:
-                    self.book.apply(key, entry.value, now)
+                    self.book.apply(key, entry.value, now, loaded=True)
         self._reporter = asyncio.create_task(self._report_forever())
 
     async def _heard(self, msg: Msg) -> None:
