@@ -1,8 +1,10 @@
-"""A live SSE stream's connection is taken over by a protocol object of ours and its ASGI call
-returns (issue 13, memory per stream; live/sse_connection.py, api/handoff.py). On a real
-server: the stream holds no task, and everything the call held for the stream's life is still
-held until the stream ends and released then (its open-stream slot, hub subscriptions, registry
-entry, access-log line), whichever way it ends."""
+"""A live stream's connection is taken over by a protocol object of ours and its ASGI call
+returns (issue 13, memory per stream; live/sse_connection.py, live/ws_connection.py,
+api/handoff.py). On a real server: the stream holds no task, and everything the call held for
+the stream's life is still held until the stream ends and released then (its open-stream slot,
+hub subscriptions, registry entry, access-log line), whichever way it ends; the WebSocket's
+own connection speaks the protocol as the server did (pings, the close handshake, fragments,
+the close codes of a broken protocol)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,15 @@ import socket
 from collections.abc import Callable, Iterator
 
 import httpx
+import orjson
 import pytest
 from nats.aio.client import Client
+from websockets.asyncio.client import connect as ws_connect
 
 from switchboard.client.sse import sse_events
-from switchboard.events import call_transcript_subject
+from switchboard.events import call_events_subject, call_transcript_subject
 from tests.harness import ServerThread, Workspace, eventually
-from tests.test_streams import new_call, next_event, turn
+from tests.test_streams import event, new_call, next_event, turn, ws_frames, ws_url
 
 STREAMS = 30
 WAIT = 10.0
@@ -183,3 +187,109 @@ async def test_a_taken_over_stream_still_gets_heartbeats_and_its_revocation(
         assert b"event: error" in rest and b"revoked" in rest
         assert rest.endswith(b"0\r\n\r\n")  # the chunked body ends, then the connection
         sock.close()
+
+
+# --- the call WebSocket ------------------------------------------------------------------------
+
+
+def raw_websocket(server: ServerThread, call_id: str, key: str) -> socket.socket:
+    """A WebSocket on a plain socket, past its handshake, so a test can send what no client
+    library would."""
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(
+        (
+            f"GET /v1/calls/{call_id}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {key}\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def test_live_websockets_hold_no_task_and_release_everything_when_they_end(
+    make_server: Callable[..., ServerThread], workspace: Workspace, bus: Client
+) -> None:
+    server = make_server()
+    services = server.services
+    assert services is not None
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+        call_id = await new_call(client, workspace)
+    baseline = server.task_count()
+    peers = [
+        await ws_connect(ws_url(server, call_id), additional_headers=workspace.headers)
+        for _ in range(STREAMS)
+    ]
+    for peer in peers:  # the replay: call.initiated
+        assert orjson.loads(await asyncio.wait_for(peer.recv(), WAIT))["event_type"] == (
+            "call.initiated"
+        )
+    # Each socket used to keep its ASGI call's task, a writer task and the server's own.
+    assert server.task_count() < baseline + STREAMS // 3
+    payload = {"turn_id": "trn_1", "interrupted_text": "wait"}
+    envelope = event(workspace, call_id, "call.barge_in", payload)
+    await bus.publish(call_events_subject(workspace.id, call_id), envelope)
+    for peer in peers:
+        assert orjson.loads(await asyncio.wait_for(peer.recv(), WAIT))["event_type"] == (
+            "call.barge_in"
+        )
+    book = services.limits.book
+    assert server.call(lambda: book.open_streams(workspace.id, 0.0)) == STREAMS
+    for peer in peers:
+        await peer.close()
+    await eventually(lambda: server.call(lambda: len(services.registry.streams)) == 0)
+    await eventually(lambda: server.call(services.hub.subscription_count) == 0)
+    await eventually(lambda: server.call(lambda: book.open_streams(workspace.id, 0.0)) == 0)
+    assert server.call(lambda: services.metrics.open_streams["call_websocket"]) == 0
+
+
+async def test_pings_are_answered_and_a_close_is_echoed_then_released(
+    server: ServerThread, client: httpx.AsyncClient, workspace: Workspace
+) -> None:
+    services = server.services
+    assert services is not None
+    call_id = await new_call(client, workspace)
+    peer = await ws_connect(ws_url(server, call_id), additional_headers=workspace.headers)
+    await asyncio.wait_for(peer.recv(), WAIT)  # call.initiated
+    pong = await peer.ping(b"are you there")
+    await asyncio.wait_for(pong, WAIT)
+    await peer.close(4000, "done here")
+    assert peer.protocol.close_rcvd is not None and peer.protocol.close_rcvd.code == 4000
+
+
+async def test_a_fragmented_command_is_read_whole_and_answered(
+    server: ServerThread, client: httpx.AsyncClient, workspace: Workspace
+) -> None:
+    call_id = await new_call(client, workspace)
+    async with ws_connect(ws_url(server, call_id), additional_headers=workspace.headers) as peer:
+        await asyncio.wait_for(peer.recv(), WAIT)  # call.initiated
+        await peer.send(['{"action": "send_dtmf", ', '"digits": "12", "request_id": "frag"}'])
+        result = orjson.loads(await asyncio.wait_for(peer.recv(), WAIT))
+        assert result["event_type"] == "command.result" and result["request_id"] == "frag"
+        assert result["error_code"] == "UNAVAILABLE"  # no media plane runs for this call
+
+
+@pytest.mark.parametrize(
+    ("wire", "code"),
+    [
+        (bytes((0x81, 0x82)) + b"\x00\x00\x00\x00\xff\xfe", 1007),  # text that is not UTF-8
+        (bytes((0x81, 0x02)) + b"hi", 1002),  # an unmasked client frame
+    ],
+)
+async def test_a_client_that_breaks_the_protocol_is_closed_with_the_code_that_says_how(
+    server: ServerThread, client: httpx.AsyncClient, workspace: Workspace, wire: bytes, code: int
+) -> None:
+    services = server.services
+    assert services is not None
+    call_id = await new_call(client, workspace)
+    sock = raw_websocket(server, call_id, workspace.key)
+    sock.sendall(wire)
+    received = await read_until(sock, b"\x00never")  # until the server closes
+    frames = list(ws_frames(received))
+    assert frames[-1][0] == 0x8 and int.from_bytes(frames[-1][1][:2], "big") == code
+    sock.close()

@@ -117,6 +117,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         for callback in callbacks or ():
             callback()
 
+    def hand_over(self, protocol: asyncio.Protocol) -> tuple[bool, bool]:
+        """Gives the connection of a response under way to `protocol` (a live SSE stream's
+        own, live/sse_connection.py) and lets the request's ASGI call return quietly: the cycle
+        counts as complete (uvicorn would otherwise close the connection and log an unfinished
+        response), and this protocol leaves the server's connections, since it will never see
+        `connection_lost` now (the drain ends those streams itself). Returns whether the body
+        is chunked and whether the client is behind (writing paused)."""
+        cycle = self.cycle
+        chunked, paused = bool(cycle.chunked_encoding), bool(cycle.flow.write_paused)
+        cycle.response_complete = True
+        cycle.keep_alive = False
+        self._done = True
+        self.connections.discard(self)
+        self.transport.set_protocol(protocol)
+        return chunked, paused
+
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         while data and not self._done:
@@ -205,6 +221,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().handle_websocket_upgrade()
 
 
+class HandedOver:
+    """What a server protocol keeps as its transport once its connection was handed over:
+    whatever it would still write or close goes nowhere."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return True
+
+
 class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, with three answers made ordinary:
 
@@ -238,6 +271,22 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
 
         # One refusal shape for the whole server: uvicorn calls `conn.accept` itself.
         self.conn.accept = accept_or_refuse  # type: ignore[method-assign]
+
+    def hand_over(self, protocol: asyncio.Protocol) -> bool:
+        """Gives an accepted connection to `protocol` (the call WebSocket's own,
+        live/ws_connection.py), if the client has sent nothing since its handshake (it may not
+        before the answer; anything it did would be half-parsed here): the keep-alive stops,
+        this protocol leaves the server's connections (it will never see `connection_lost`
+        now), and the transport it keeps is a stub, so that the ASGI call may return without
+        uvicorn closing the connection."""
+        if self.conn.reader.buffer or not self.queue.empty() or not self.handshake_complete:
+            return False
+        self.stop_keepalive()
+        self.connections.discard(self)
+        transport = self.transport
+        self.transport = HandedOver()  # type: ignore[assignment]
+        transport.set_protocol(protocol)
+        return True
 
     def _envelope_response(self, status: int, error: ApiError, method: str, path: str) -> Response:
         raw_headers, body, request_id = refusal_parts(status, error)

@@ -208,6 +208,12 @@ class Outbox:
         self._priority.append(frame)
         self._wake()
 
+    @property
+    def replies_full(self) -> bool:
+        """Whether the replies owed are at their bound: read no more commands until they are
+        sent (see `reply_room`)."""
+        return len(self._priority) >= self.capacity
+
     async def reply_room(self) -> None:
         """Returns once fewer than `capacity` replies are queued, or the outbox was aborted. A
         client that sends commands but reads nothing is then held back by TCP (its commands

@@ -25,7 +25,7 @@ import asyncio
 from typing import Any
 
 from switchboard.api.handoff import Handoff
-from switchboard.live.direct import BACKLOG_BYTES, http_chunk
+from switchboard.live.direct import BACKLOG_BYTES, LAST_BYTES_SECONDS, http_chunk
 from switchboard.live.frames import SSE_HEARTBEAT, Terminal
 from switchboard.live.outbox import Idle, Outbox
 
@@ -38,6 +38,7 @@ class SseConnection(asyncio.Protocol):
         "chunked",
         "done",
         "frames_sent",
+        "give_up",
         "handoff",
         "heartbeats",
         "kind",
@@ -70,6 +71,7 @@ class SseConnection(asyncio.Protocol):
         self.heartbeats = heartbeats
         self.scheduled = False  # a pump is due on the loop
         self.done = False
+        self.give_up: asyncio.TimerHandle | None = None  # drops a client that takes no end
         self.loop = asyncio.get_running_loop()
 
     # The outbox's side.
@@ -110,7 +112,8 @@ class SseConnection(asyncio.Protocol):
             elif isinstance(item, Terminal):
                 parts.append(item.sse())
                 self._write(parts, last=True)
-                self.transport.close()  # after what is buffered has been sent
+                self.transport.close()  # after what is buffered has been sent, if it is
+                self.give_up = self.loop.call_later(LAST_BYTES_SECONDS, self.transport.abort)
                 self.finish()
                 return
             else:
@@ -153,6 +156,8 @@ class SseConnection(asyncio.Protocol):
         return None  # the client closed its side: the transport closes, the stream ends
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.give_up is not None:
+            self.give_up.cancel()
         self.finish()
 
     def pause_writing(self) -> None:
@@ -174,29 +179,21 @@ def take_over(
     frames_sent: dict[str, int],
     heartbeats: dict[str, int],
 ) -> SseConnection:
-    """Moves a live SSE response from uvicorn's httptools protocol to an `SseConnection`.
-
-    The request cycle is marked complete, so the ASGI call may return without uvicorn closing
-    the connection or logging an unfinished response; the protocol leaves the server's set of
-    connections (it will never see `connection_lost` now), so the server does not wait for it
-    at shutdown: the drain ends these streams itself."""
-    cycle = protocol.cycle
+    """Moves a live SSE response from the server's protocol (api/http_protocol.py) to an
+    `SseConnection`."""
     transport: asyncio.Transport = protocol.transport
     connection = SseConnection(
         transport,
         outbox,
         handoff,
         kind=kind,
-        chunked=bool(cycle.chunked_encoding),
-        paused=bool(cycle.flow.write_paused),
+        chunked=True,
+        paused=False,
         frames_sent=frames_sent,
         heartbeats=heartbeats,
     )
-    cycle.response_complete = True
-    cycle.keep_alive = False
-    protocol.connections.discard(protocol)
+    connection.chunked, connection.paused = protocol.hand_over(connection)
     handoff.take()
-    transport.set_protocol(connection)
     transport.set_write_buffer_limits(high=BACKLOG_BYTES, low=BACKLOG_BYTES // 4)
     if connection.paused:
         outbox.writing_since = connection.loop.time()

@@ -9,56 +9,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import orjson
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from starlette.types import Receive, Scope, Send
 
 from switchboard.api.deps import Services
+from switchboard.api.handoff import handoff_of
 from switchboard.api.responses import send_error
 from switchboard.auth.authenticator import Principal
 from switchboard.bus.stored import stored_after
 from switchboard.errors import not_found
-from switchboard.events import (
-    EVENTS_STREAM,
-    call_audio_subject,
-    call_control_subject,
-    call_events_subject,
-    subject_mismatch,
-)
-from switchboard.live.audio import AudioBuffer, AudioChunk
-from switchboard.live.direct import WebSocketDirect
+from switchboard.events import EVENTS_STREAM, call_events_subject, subject_mismatch
+from switchboard.live.audio import AudioChunk
 from switchboard.live.endpoint import (
     StreamEndpoint,
     hang_up_of_this_connection,
     protocol_of_this_connection,
     timed_send,
 )
-from switchboard.live.frames import (
-    CommandError,
-    Ending,
-    Listen,
-    SendDtmf,
-    Terminal,
-    Unlisten,
-    command_result,
-    parse_command,
-    ws_gap,
-    ws_reset,
-)
+from switchboard.live.frames import Ending, Terminal, ws_gap, ws_reset
 from switchboard.live.history import stored_call
 from switchboard.live.hub import View
 from switchboard.live.outbox import Outbox
-from switchboard.live.ratelimit import COMMAND_BURST, COMMANDS_PER_SECOND, TokenBucket
 from switchboard.live.resume import CURSOR_UNKNOWN, query_value
+from switchboard.live.ws_connection import take_over
+from switchboard.live.ws_session import COMMAND_TIMEOUT, HOLD, SKIP, CommandSession
 from switchboard.outage import BusUnavailable
 
 log = logging.getLogger(__name__)
 
-COMMAND_TIMEOUT = 5.0  # seconds the media plane has to answer a command
-MAX_COMMANDS_IN_FLIGHT = 8
 ENDED_GRACE = 5.0  # seconds a socket to an ended call waits for its call.completed to be relayed
 
 
@@ -120,11 +100,41 @@ class CallEventSocket(StreamEndpoint):
                 expires_at=principal.expires_at,
                 hang_up=hang_up_of_this_connection(scope),
             )
+            handoff = handoff_of(scope)
+            protocol = protocol_of_this_connection(scope)
+            # The socket is ours from here (live/ws_connection.py): this call returns once the
+            # replay is written, and what it holds is released when the socket ends.
+            connection = None
+            if protocol is not None:
+                connection = take_over(
+                    protocol,
+                    outbox,
+                    handoff,
+                    kind=self.kind,
+                    ping_interval=services.settings.heartbeat_interval,
+                    frames_sent=services.metrics.frames_sent,
+                    audio_bytes=self.audio_bytes,
+                )
             send = timed_send(send, outbox)
+
+            async def send_text(text: str) -> None:
+                await send({"type": "websocket.send", "text": text})
+
             try:
-                replayed, completed = await self._replay(principal, call_id, outbox, send, cursor)
+                replayed, completed = await self._replay(
+                    principal,
+                    call_id,
+                    outbox,
+                    send_text if connection is None else connection.send_text,
+                    cursor,
+                )
                 if completed:
-                    await send({"type": "websocket.close", "code": 1000, "reason": "call ended"})
+                    if connection is not None:
+                        connection.close(1000, "call ended")
+                    else:
+                        await send(
+                            {"type": "websocket.close", "code": 1000, "reason": "call ended"}
+                        )
                     return
                 if status not in (None, "in_progress"):
                     # The row says ended, the bus does not have `call.completed` yet: an API
@@ -132,15 +142,37 @@ class CallEventSocket(StreamEndpoint):
                     # (the socket is subscribed); close after it, or after a bound if it does not.
                     loop = asyncio.get_running_loop()
                     loop.call_later(ENDED_GRACE, outbox.end, Terminal(Ending.CALL_COMPLETED))
-                protocol = protocol_of_this_connection(scope)
-                await self._session(principal, call_id, outbox, receive, send, replayed, protocol)
+                session = CommandSession(
+                    services,
+                    principal,
+                    call_id,
+                    outbox,
+                    replayed,
+                    refused=self.refused,
+                    listens=self.listens,
+                    kind=self.kind,
+                    on_audio_drop=self._audio_dropped,
+                )
+                if connection is not None:
+                    connection.start(session)
+                    return
+                await self._session(session, receive, send)
             except OSError:  # the client went away mid-replay (uvicorn's ClientDisconnected)
                 return
+            except Exception:
+                if connection is not None:
+                    connection.close(1011, "internal error")
+                raise
             finally:
-                services.registry.remove(outbox)
+                handoff.release(lambda: services.registry.remove(outbox))
 
     async def _replay(
-        self, principal: Principal, call_id: str, outbox: Outbox, send: Send, cursor: str | None
+        self,
+        principal: Principal,
+        call_id: str,
+        outbox: Outbox,
+        send_text: Callable[[str], Awaitable[None]],
+        cursor: str | None,
     ) -> tuple[set[str], bool]:
         """Sends the call's stored events, from JetStream: all of them, or those after the
         envelope whose event_id is `cursor` (SPEC 5.3), or, for a cursor the call never had, a
@@ -171,7 +203,7 @@ class CallEventSocket(StreamEndpoint):
                     found = event_id == cursor
                     replayed.add(event_id)  # the client has it: its live copy is skipped too
                     continue
-                await send({"type": "websocket.send", "text": orjson.dumps(envelope).decode()})
+                await send_text(orjson.dumps(envelope).decode())
                 replayed.add(event_id)
                 outbox.last_cursor = event_id
                 sent += 1
@@ -179,48 +211,19 @@ class CallEventSocket(StreamEndpoint):
             log.warning("%s", failure)
         if not found:
             self.resets[self.kind] += 1
-            await send({"type": "websocket.send", "text": ws_reset(CURSOR_UNKNOWN)})
+            await send_text(ws_reset(CURSOR_UNKNOWN))
         outbox.skip_through = last
         self.services.metrics.frames_sent[self.kind] += sent
         if cursor is not None:
             self.replayed[self.kind] += sent
         return replayed, completed
 
-    async def _session(
-        self,
-        principal: Principal,
-        call_id: str,
-        outbox: Outbox,
-        receive: Receive,
-        send: Send,
-        replayed: set[str],
-        protocol: Any | None,
-    ) -> None:
-        # request_id -> set once its command.result is queued; the writer holds back this
-        # sender's copy of the matching call.dtmf_sent until then, so the sender always sees
-        # its result first (the two travel on different NATS subscriptions).
-        answered: dict[str, asyncio.Event] = {}
-        writer = asyncio.create_task(self._write(outbox, send, answered, replayed))
-        if protocol is not None:
-            # Frames skip the writer unless it must see them: a DTMF result to order, the
-            # live copies of a replay to skip.
-            direct = WebSocketDirect(
-                protocol,
-                self.services.metrics.frames_sent,
-                self.kind,
-                lambda: bool(answered) or bool(replayed),
-                self.audio_bytes,
-            )
-            outbox.direct = direct
-            outbox.direct_audio = direct.audio
+    async def _session(self, session: CommandSession, receive: Receive, send: Send) -> None:
+        """Under another server: a writer task and this reader loop, until the socket ends."""
+        outbox = session.outbox
+        writer = asyncio.create_task(self._write(session, send))
         # However the writer ends (its close sent, the client gone), the reader stops waiting.
         writer.add_done_callback(lambda _: outbox.abort())
-        commands: set[asyncio.Task[None]] = set()
-        clock = asyncio.get_running_loop().time
-        bucket = TokenBucket(COMMANDS_PER_SECOND, COMMAND_BURST, clock())
-        # Built from the principal and the path, never from what the client sends (SPEC 7).
-        audio_subject = call_audio_subject(principal.workspace_id, call_id)
-        listening = False
         try:
             while True:
                 # Replies owed to a client that does not read them are bounded: its next
@@ -234,98 +237,21 @@ class CallEventSocket(StreamEndpoint):
                 if message.get("bytes") is not None:
                     outbox.end_now(Terminal(Ending.BINARY_FRAME))
                     continue
-                command = parse_command(message.get("text") or "")
-                if not bucket.take(clock()):
-                    self.refused["rate"] += 1
-                    outbox.push_priority(
-                        command_result(
-                            command.request_id,
-                            False,
-                            "RATE_LIMITED",
-                            f"At most {COMMANDS_PER_SECOND:g} commands a second "
-                            f"(bursts of {COMMAND_BURST}); this one was not sent.",
-                        )
-                    )
-                elif isinstance(command, CommandError):
-                    outbox.push_priority(
-                        command_result(
-                            command.request_id, False, command.error_code, command.message
-                        )
-                    )
-                elif isinstance(command, Listen):
-                    listening = await self._listen(principal, audio_subject, command, outbox)
-                elif isinstance(command, Unlisten):
-                    # Forget the audio queued first: no binary frame follows the result.
-                    outbox.unlisten()
-                    outbox.push_priority(command_result(command.request_id, True))
-                    if listening:
-                        listening = False
-                        await self.services.hub.unwatch(audio_subject, View.AUDIO, outbox)
-                elif len(commands) >= MAX_COMMANDS_IN_FLIGHT:
-                    self.refused["in_flight"] += 1
-                    outbox.push_priority(
-                        command_result(
-                            command.request_id,
-                            False,
-                            "RATE_LIMITED",
-                            f"At most {MAX_COMMANDS_IN_FLIGHT} commands may be in flight.",
-                        )
-                    )
-                else:
-                    answered[command.request_id] = asyncio.Event()
-                    task = asyncio.create_task(
-                        self._send_dtmf(principal, call_id, command, outbox, answered)
-                    )
-                    commands.add(task)
-                    task.add_done_callback(commands.discard)
+                pending = session.handle(message.get("text") or "")
+                if pending is not None:
+                    await pending
         finally:
             outbox.abort()
-            for task in (writer, *commands):
-                task.cancel()
-            for task in (writer, *commands):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            if listening:
-                await self.services.hub.unwatch(audio_subject, View.AUDIO, outbox)
-
-    async def _listen(
-        self, principal: Principal, audio_subject: str, command: Listen, outbox: Outbox
-    ) -> bool:
-        """Subscribes the socket to the call's audio (the replica's one subscription per call,
-        made by the first listener), answers, then lets chunks in: so the result comes before
-        the first binary frame. Returns whether the socket now listens."""
-        services = self.services
-        if outbox.audio is None:
-            try:
-                if not services.bus.connected:
-                    raise BusUnavailable("the bus is not connected")
-                await services.hub.watch(audio_subject, principal.workspace_id, View.AUDIO, outbox)
-            except Exception as failure:  # the bus is down or slow: the socket lives on
-                log.warning("could not listen to a call's audio: %s", failure)
-                outbox.push_priority(
-                    command_result(
-                        command.request_id,
-                        False,
-                        "UNAVAILABLE",
-                        "The call's audio is unavailable right now; try again.",
-                    )
-                )
-                return False
-        outbox.push_priority(command_result(command.request_id, True))
-        outbox.listen(AudioBuffer(on_drop=self._audio_dropped))
-        self.listens[self.kind] += 1
-        return True
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            await session.close()
 
     def _audio_dropped(self) -> None:
         self.audio_dropped[self.kind] += 1
 
-    async def _write(
-        self,
-        outbox: Outbox,
-        send: Send,
-        answered: dict[str, asyncio.Event],
-        replayed: set[str],
-    ) -> None:
+    async def _write(self, session: CommandSession, send: Send) -> None:
+        outbox = session.outbox
         metrics = self.services.metrics
         audio_bytes = self.audio_bytes
         while True:
@@ -344,72 +270,14 @@ class CallEventSocket(StreamEndpoint):
                 await send({"type": "websocket.close", "code": code, "reason": reason})
                 return
             text = item if isinstance(item, str) else item.decode()
-            if replayed and text.startswith('{"event_id"'):
-                # Live copies of replayed events arrive first; once a new one comes, stop looking.
-                if orjson.loads(text).get("event_id") in replayed:
-                    continue
-                replayed.clear()
-            if answered and '"call.dtmf_sent"' in text:
-                request_id = orjson.loads(text).get("payload", {}).get("request_id")
-                if request_id in answered:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(COMMAND_TIMEOUT):
-                            await answered[request_id].wait()
-                    for result in outbox.take_priority():
-                        await send({"type": "websocket.send", "text": str(result)})
+            verdict, request_id = session.before_send(text)
+            if verdict == SKIP:
+                continue
+            if verdict == HOLD and request_id is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(COMMAND_TIMEOUT):
+                        await session.answered[request_id].wait()
+                for result in outbox.take_priority():
+                    await send({"type": "websocket.send", "text": str(result)})
             await send({"type": "websocket.send", "text": text})
             metrics.frames_sent[self.kind] += 1
-
-    async def _send_dtmf(
-        self,
-        principal: Principal,
-        call_id: str,
-        command: SendDtmf,
-        outbox: Outbox,
-        answered: dict[str, asyncio.Event],
-    ) -> None:
-        """Asks the media plane on the call's control subject; it answers, then publishes
-        `call.dtmf_sent` for everyone. No answer in time is an UNAVAILABLE result, never a hang."""
-        request = orjson.dumps(
-            {
-                "action": "send_dtmf",
-                "digits": command.digits,
-                "request_id": command.request_id,
-                "call_id": call_id,
-            }
-        )
-        subject = call_control_subject(principal.workspace_id, call_id)
-        try:
-            reply = await self.services.bus.client.request(
-                subject, request, timeout=COMMAND_TIMEOUT
-            )
-            answer = orjson.loads(reply.data)
-            if not isinstance(answer, dict):
-                raise ValueError("the media plane's answer is not an object")
-        except NoRespondersError:
-            result = command_result(
-                command.request_id, False, "UNAVAILABLE", "No media plane is handling this call."
-            )
-        except (TimeoutError, NatsTimeout):
-            result = command_result(
-                command.request_id, False, "UNAVAILABLE", "The media plane did not answer in time."
-            )
-        except (ValueError, orjson.JSONDecodeError):
-            log.warning("the media plane answered a command with something unreadable")
-            result = command_result(
-                command.request_id, False, "INTERNAL", "The media plane's answer was unreadable."
-            )
-        else:
-            if answer.get("ok") is True:
-                result = command_result(command.request_id, True)
-            else:
-                result = command_result(
-                    command.request_id,
-                    False,
-                    str(answer.get("error_code") or "UNAVAILABLE"),
-                    str(answer.get("message") or "The media plane refused the command."),
-                )
-        outbox.push_priority(result)
-        done = answered.pop(command.request_id, None)
-        if done is not None:
-            done.set()
