@@ -192,11 +192,17 @@ async def test_a_taken_over_stream_still_gets_heartbeats_and_its_revocation(
 # --- the call WebSocket ------------------------------------------------------------------------
 
 
-def raw_websocket(server: ServerThread, call_id: str, key: str) -> socket.socket:
+def raw_websocket(
+    server: ServerThread, call_id: str, key: str, receive_buffer: int | None = None
+) -> socket.socket:
     """A WebSocket on a plain socket, past its handshake, so a test can send what no client
-    library would."""
+    library would (or read nothing)."""
     port = int(server.url.rsplit(":", 1)[1])
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(WAIT)
+    sock.connect(("127.0.0.1", port))
     sock.sendall(
         (
             f"GET /v1/calls/{call_id}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -293,3 +299,29 @@ async def test_a_client_that_breaks_the_protocol_is_closed_with_the_code_that_sa
     frames = list(ws_frames(received))
     assert frames[-1][0] == 0x8 and int.from_bytes(frames[-1][1][:2], "big") == code
     sock.close()
+
+
+async def test_a_client_that_leaves_while_its_replay_waits_for_room_frees_everything(
+    make_server: Callable[..., ServerThread], workspace: Workspace, bus: Client
+) -> None:
+    server = make_server()
+    services = server.services
+    assert services is not None
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+        call_id = await new_call(client, workspace)
+    js = bus.jetstream()
+    payload = {"turn_id": "trn_1", "interrupted_text": "x" * 15_000}
+    for _ in range(200):  # ~3 MB of history: more than the socket buffers hold
+        envelope = event(workspace, call_id, "call.barge_in", payload)
+        await js.publish(call_events_subject(workspace.id, call_id), envelope)
+    baseline = server.task_count()
+    sock = raw_websocket(server, call_id, workspace.key, receive_buffer=4096)  # reads no more
+
+    def replay_waits() -> bool:
+        return any(o.writing_since is not None for o in services.registry.streams)
+
+    await eventually(lambda: server.call(replay_waits))
+    sock.close()  # unread bytes: the server sees a reset
+    await eventually(lambda: server.call(lambda: len(services.registry.streams)) == 0)
+    await eventually(lambda: server.task_count() <= baseline)
+    await eventually(lambda: server.call(services.hub.subscription_count) == 0)

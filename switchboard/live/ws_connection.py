@@ -71,6 +71,7 @@ class WebSocketConnection(asyncio.Protocol):
         "ping_timer",
         "reader",
         "reading_paused",
+        "room",
         "scheduled",
         "session",
         "transport",
@@ -105,6 +106,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.done = False  # the stream is over and what it held released
         # An event held until its command's result is queued: (text, request_id, deadline).
         self.held: tuple[str, str, float] | None = None
+        self.room: asyncio.Future[None] | None = None  # what a replay waits on while paused
         self.ping_payload: bytes | None = None  # of the ping awaiting its pong
         self.ping_timer: asyncio.TimerHandle | None = None
         self.close_timer: asyncio.TimerHandle | None = None
@@ -115,15 +117,19 @@ class WebSocketConnection(asyncio.Protocol):
         """A replayed event, written once the client has room for it (raises ConnectionError
         when the client is gone)."""
         while self.paused and not self.done:
-            room: asyncio.Future[None] = self.loop.create_future()
-            self.outbox.ready = lambda room=room: _settle(room)
+            self.room = self.loop.create_future()
             try:
-                await room
+                await self.room
             finally:
-                self.outbox.ready = None
+                self.room = None
         if self.done or self.transport.is_closing():
             raise ConnectionResetError("the client left during the replay")
         self.transport.write(frame(0x1, text.encode()))
+
+    def _make_room(self) -> None:
+        room = self.room
+        if room is not None and not room.done():
+            room.set_result(None)
 
     def start(self, session: CommandSession) -> None:
         """The replay is written: commands are read, live events and audio flow."""
@@ -350,6 +356,7 @@ class WebSocketConnection(asyncio.Protocol):
         outbox.ready = None
         outbox.writing_since = None
         outbox.abort()
+        self._make_room()  # a replay waiting for room finds the client gone
         session = self.session
         if session is not None:
             in_background(session.close())
@@ -376,16 +383,8 @@ class WebSocketConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         self.outbox.writing_since = None
-        ready = self.outbox.ready
-        if ready is not None and self.session is None:
-            ready()  # a replay waits for room
-        else:
-            self.pump()
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+        self._make_room()  # a replay waiting for room
+        self.pump()
 
 
 def take_over(
