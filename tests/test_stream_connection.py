@@ -21,6 +21,8 @@ from websockets.asyncio.client import connect as ws_connect
 
 from switchboard.client.sse import sse_events
 from switchboard.events import call_events_subject, call_transcript_subject
+from switchboard.live.direct import LAST_BYTES_SECONDS
+from switchboard.live.history import stored_call
 from tests.harness import ServerThread, Workspace, eventually
 from tests.test_streams import event, new_call, next_event, turn, ws_frames, ws_url
 
@@ -325,3 +327,24 @@ async def test_a_client_that_leaves_while_its_replay_waits_for_room_frees_everyt
     await eventually(lambda: server.call(lambda: len(services.registry.streams)) == 0)
     await eventually(lambda: server.task_count() <= baseline)
     await eventually(lambda: server.call(services.hub.subscription_count) == 0)
+
+
+async def test_the_close_handshake_completes_when_the_client_answers_our_close(
+    server: ServerThread, client: httpx.AsyncClient, workspace: Workspace, bus: Client
+) -> None:
+    call_id = await new_call(client, workspace)
+    assert (await client.delete(f"/v1/calls/{call_id}", headers=workspace.headers)).is_success
+
+    async def end_stored() -> bool:
+        return (await stored_call(bus, workspace.id, call_id)).completed
+
+    await eventually(end_stored)  # so the replay holds the end and the socket closes after it
+    sock = raw_websocket(server, call_id, workspace.key)
+    received = await read_until(sock, b"call ended")  # the history, then our close frame
+    assert list(ws_frames(received))[-1][0] == 0x8
+    sock.sendall(bytes((0x88, 0x82)) + b"\x00\x00\x00\x00" + (1000).to_bytes(2, "big"))
+    # The server closes the socket on the answer, well before it would give up waiting for
+    # one (LAST_BYTES_SECONDS): the read ends with the connection, not with its own timeout.
+    sock.settimeout(LAST_BYTES_SECONDS / 2)
+    assert await asyncio.to_thread(sock.recv, 1) == b""
+    sock.close()

@@ -242,8 +242,9 @@ class WebSocketConnection(asyncio.Protocol):
         reader = self.reader
         while not self.done or self.closing:
             session = self.session
-            waiting = self.busy or self.outbox.replies_full
-            if session is None or (waiting and not self.closing):
+            waiting = session is None or self.busy or self.outbox.replies_full
+            # Once our close frame is out, only the client's answer matters: read on.
+            if waiting and not self.closing:
                 if len(reader.buffer) > READ_LIMIT and not self.reading_paused:
                     self.reading_paused = True
                     self.transport.pause_reading()
@@ -257,7 +258,7 @@ class WebSocketConnection(asyncio.Protocol):
                 break
             if isinstance(event, Control):
                 self._control(event)
-            elif not self.closing and not self.done:
+            elif session is not None and not self.closing and not self.done:
                 if event.text is None:
                     self.outbox.end_now(Terminal(Ending.BINARY_FRAME))
                 else:
