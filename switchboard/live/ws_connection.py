@@ -59,6 +59,7 @@ class WebSocketConnection(asyncio.Protocol):
         "close_timer",
         "closing",
         "done",
+        "failed",
         "frames_sent",
         "handoff",
         "held",
@@ -104,6 +105,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.scheduled = False  # a pump is due on the loop
         self.closing = False  # our close frame is sent; the client's is awaited
         self.done = False  # the stream is over and what it held released
+        self.failed = False  # the client broke the protocol: its input is discarded
         # An event held until its command's result is queued: (text, request_id, deadline).
         self.held: tuple[str, str, float] | None = None
         self.room: asyncio.Future[None] | None = None  # what a replay waits on while paused
@@ -304,18 +306,30 @@ class WebSocketConnection(asyncio.Protocol):
             self.finish()
 
     def _fail(self, code: int, reason: str) -> None:
-        """The client broke the protocol or stopped answering: close at once, with the code
-        that says how."""
+        """The client broke the protocol or stopped answering: close with the code that says
+        how, and read nothing more of what it sends. The socket is half-closed and its input
+        drained until the client closes it too: closing it with unread input would make the
+        kernel answer with a reset, which can destroy the close frame before the client reads
+        it (the rest of a message refused from its header is still arriving)."""
         if not self.closing:
             self.closing = True
             self.transport.write(close_frame(code, reason))
-        self._close_transport()
+        self.failed = True
+        self.reader.buffer.clear()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._give_up_later()
+        else:
+            self._close_transport()
         self.finish()
 
     def _close_transport(self) -> None:
         """Closes the socket once what is buffered is sent; drops it if that does not happen
         soon (a client that reads nothing would hold it forever)."""
         self.transport.close()
+        self._give_up_later()
+
+    def _give_up_later(self) -> None:
         if self.close_timer is not None:
             self.close_timer.cancel()
         self.close_timer = self.loop.call_later(LAST_BYTES_SECONDS, self.transport.abort)
@@ -366,6 +380,8 @@ class WebSocketConnection(asyncio.Protocol):
     # The transport's side (asyncio.Protocol).
 
     def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return  # after a protocol error nothing the client sends can be read
         self.reader.feed(data)
         self._read()
 
