@@ -5,6 +5,7 @@ off a client that has stopped reading."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -19,6 +20,7 @@ from switchboard.api.responses import send_error
 from switchboard.errors import ApiError
 from switchboard.ids import is_id
 from switchboard.live.hub import View
+from switchboard.live.lookups import SharedLookups, keep_call_status, keep_existence
 from switchboard.live.outbox import Frame, GapFrame, Outbox
 from switchboard.outage import BusUnavailable
 
@@ -29,6 +31,15 @@ class StreamEndpoint:
     def __init__(self, services: Services) -> None:
         self.services = services
         metrics = services.metrics
+        database = services.database
+        # What opens ask the database, asked once for the opens that ask at once (a reconnect
+        # storm) and remembered while the answer holds (live/lookups.py).
+        self.call_statuses: SharedLookups[tuple[str, str], str | None] = SharedLookups(
+            lambda key: database.call_status(*key), keep_call_status, time.monotonic
+        )
+        self.conversations: SharedLookups[tuple[str, str], bool] = SharedLookups(
+            lambda key: database.conversation_exists(*key), keep_existence, time.monotonic
+        )
         self.resumes = metrics.counter(
             "switchboard_stream_resumes_total",
             "Streams opened with a cursor or from=start.",

@@ -170,7 +170,7 @@ class TranscriptStream(StreamEndpoint):
             (call_events_subject(ws, call_id), View.TRANSCRIPT_END),
         ]
         async with self.watching(scope, ws, watches, outbox):
-            status = await services.database.call_status(ws, call_id)
+            status = await self.call_statuses.get((ws, call_id))
             ended = status not in (None, "in_progress")
             if not ended:
                 # The recorder may lag the bus: a call whose `call.initiated` is stored exists,
@@ -264,7 +264,6 @@ class ConversationStream(StreamEndpoint):
     kind = "conversation_sse"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        services = self.services
         principal: Principal = scope["state"]["principal"]
         conversation_id = await self.path_id(scope, send, "conversation_id", "conv")
         if conversation_id is None:
@@ -273,7 +272,7 @@ class ConversationStream(StreamEndpoint):
         outbox = self.new_outbox(gap=sse_gap)
         subject = conversation_events_subject(ws, conversation_id)
         async with self.watching(scope, ws, [(subject, View.CONVERSATION)], outbox):
-            if not await services.database.conversation_exists(ws, conversation_id):
+            if not await self.conversations.get((ws, conversation_id)):
                 await send_error(scope, send, not_found("conversation", conversation_id))
                 return
             await self.envelopes(

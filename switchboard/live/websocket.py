@@ -83,7 +83,7 @@ class CallEventSocket(StreamEndpoint):
         async with self.watching(
             scope, ws, [(call_events_subject(ws, call_id), View.CALL_EVENTS)], outbox
         ):
-            status = await services.database.call_status(ws, call_id)
+            status = await self.call_statuses.get((ws, call_id))
             # A call the recorder has not written yet exists if the bus holds its start.
             if (
                 status is None
