@@ -39,6 +39,10 @@ REJECT_LOG_EVERY = 60.0  # seconds between log lines about rejected envelopes
 
 
 Handler = Callable[[Connection, dict[str, Any]], Awaitable[object]]
+# Applies one workspace's events, in order, inside the caller's transaction and without
+# savepoints; raises on the first event it cannot apply (NotYet included), and the consumer then
+# applies the batch again one event at a time, each in a savepoint, to settle each on its own.
+BatchHandler = Callable[[Connection, list[dict[str, Any]]], Awaitable[object]]
 
 
 class NotYet(Exception):
@@ -62,15 +66,19 @@ class EventConsumer:
         handler: Handler,
         *,
         durable: str,
+        batch_handler: BatchHandler | None = None,
         filter_subject: str = "vb.>",
         metrics: Metrics | None = None,
         wait_limit: float = WAIT_LIMIT,
     ) -> None:
         """`durable` names the consumer every replica of this role shares (they split the
-        work); `filter_subject` narrows it (tests give each consumer its own workspace)."""
+        work); `filter_subject` narrows it (tests give each consumer its own workspace);
+        `batch_handler` applies a whole batch with fewer statements than `handler` one by one
+        (by default it is `handler` one by one, still without savepoints)."""
         self.database = database
         self.bus = bus
         self.handler = handler
+        self.batch_handler = batch_handler or self._one_by_one
         self.durable = durable
         self.filter_subject = filter_subject
         self.wait_limit = wait_limit
@@ -154,32 +162,62 @@ class EventConsumer:
                 await asyncio.sleep(LINGER)
 
     async def _handle_batch(self, messages: list[Msg]) -> None:
-        """A fetched batch: each workspace's events in one transaction, in order, each in a
-        savepoint so that one failing event does not undo the others; acknowledged after the
-        commit. One commit (one WAL flush) per workspace per batch instead of one per event is
-        most of what recording costs the database when calls are busy. If the transaction
-        itself fails (an outage, a deadlock with another replica), its events are handled one
-        by one, as if the batch had been fetched one event at a time."""
+        """A fetched batch: each workspace's events in one transaction, in order, acknowledged
+        after the commit. One commit (one WAL flush) per workspace per batch instead of one per
+        event is most of what recording costs the database when calls are busy.
+
+        The transaction first tries the whole batch at once (`batch_handler`: no savepoint per
+        event, multi-row statements), which is what a healthy flow of events needs. Only if that
+        fails is the batch applied again with each event in a savepoint, so that the one that
+        failed is settled on its own (kept waiting, retried, parked) and does not undo the
+        others; and if that transaction fails too (an outage, a deadlock with another
+        replica), the events go one by one, as if fetched one at a time."""
         groups: dict[str, list[tuple[Msg, dict[str, Any]]]] = {}
         for msg in messages:
             envelope = await self._checked(msg)
             if envelope is not None:
                 groups.setdefault(envelope["workspace_id"], []).append((msg, envelope))
         for workspace_id, events in groups.items():
-            if len(events) == 1:
-                await self._handle(*events[0])
-                continue
             try:
-                outcomes = await self._apply_together(workspace_id, events)
+                await self._apply_at_once(workspace_id, [envelope for _msg, envelope in events])
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
-            except Exception:
-                for msg, envelope in events:
-                    await self._handle(msg, envelope)
+            except Exception as failure:
+                if unavailable_dependency(failure) is None and len(events) > 1:
+                    await self._handle_in_savepoints(workspace_id, events)
+                else:
+                    for msg, envelope in events:
+                        await self._handle(msg, envelope)
                 continue
             self.outage.recovered()
-            for (msg, envelope), failure in zip(events, outcomes, strict=True):
-                await self._settle(msg, envelope, failure)
+            for msg, _envelope in events:
+                await msg.ack()
+            self.handled += len(events)
+
+    async def _apply_at_once(self, workspace_id: str, envelopes: list[dict[str, Any]]) -> None:
+        """One workspace's events in one transaction with no savepoints: all or nothing."""
+        async with self.database.workspace(workspace_id) as conn:
+            await self.batch_handler(conn, envelopes)
+
+    async def _one_by_one(self, conn: Connection, envelopes: list[dict[str, Any]]) -> None:
+        for envelope in envelopes:
+            await self.handler(conn, envelope)
+
+    async def _handle_in_savepoints(
+        self, workspace_id: str, events: list[tuple[Msg, dict[str, Any]]]
+    ) -> None:
+        """A batch that failed at once: each event in a savepoint of one transaction."""
+        try:
+            outcomes = await self._apply_together(workspace_id, events)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception:
+            for msg, envelope in events:
+                await self._handle(msg, envelope)
+            return
+        self.outage.recovered()
+        for (msg, envelope), failure in zip(events, outcomes, strict=True):
+            await self._settle(msg, envelope, failure)
 
     async def _checked(self, msg: Msg) -> dict[str, Any] | None:
         """The message's envelope, or None once it has been rejected for good."""

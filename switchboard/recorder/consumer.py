@@ -6,7 +6,7 @@ from switchboard.bus import Bus
 from switchboard.bus.durable import WAIT_LIMIT, EventConsumer
 from switchboard.db import Database
 from switchboard.live.metrics import Metrics
-from switchboard.recorder.effects import apply
+from switchboard.recorder.effects import apply, apply_batch
 
 DURABLE = "recorder"
 
@@ -27,6 +27,7 @@ class Recorder(EventConsumer):
             bus,
             apply,
             durable=durable,
+            batch_handler=apply_batch,
             filter_subject=filter_subject,
             metrics=metrics,
             wait_limit=wait_limit,

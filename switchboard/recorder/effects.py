@@ -1,6 +1,7 @@
 """What each event writes, as SQL run inside one workspace-scoped transaction. Every write is
 idempotent on its own (ON CONFLICT) and the event is marked processed in the same transaction,
-so a redelivery changes nothing."""
+so a redelivery changes nothing. `apply` takes one event; `apply_batch` takes a fetched batch
+of one workspace's events with a statement per batch where `apply` has one per event."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ MESSAGE_PROGRESS = {"received": 1, "sent": 1, "delivered": 2, "read": 3, "failed
 
 
 async def apply(conn: Connection, envelope: dict[str, Any]) -> bool:
-    """Writes the event's effects; False if it had already been processed."""
-    if not await conn.fetchval("SELECT 1 FROM workspaces"):
-        raise Unrecordable(f"no workspace {envelope['workspace_id']}")
+    """Writes the event's effects; False if it had already been processed or has none."""
+    await _require_workspace(conn, envelope["workspace_id"])
+    if not has_effects(envelope):
+        return False
     first = await conn.fetchval(
         """INSERT INTO processed_events (event_id, workspace_id, event_type) VALUES ($1, $2, $3)
            ON CONFLICT (event_id) DO NOTHING RETURNING true""",
@@ -33,6 +35,81 @@ async def apply(conn: Connection, envelope: dict[str, Any]) -> bool:
     )
     if not first:
         return False
+    await _effects(conn, envelope)
+    return True
+
+
+async def apply_batch(conn: Connection, envelopes: list[dict[str, Any]]) -> int:
+    """Writes the effects of one workspace's events, in order, with one statement marking them
+    all processed and one per run of consecutive turns; returns how many were new. Raises on
+    the first event that cannot be applied (NotYet included): the caller's transaction then
+    undoes the whole batch, and the consumer applies it again one event at a time."""
+    recorded = [envelope for envelope in envelopes if has_effects(envelope)]
+    if not recorded:
+        await _require_workspace(conn, envelopes[0]["workspace_id"])
+        return 0
+    # No workspace check here: processed_events' foreign key refuses the batch of a workspace
+    # that does not exist, and `apply`, one event at a time, then says so.
+    new = await conn.fetch(
+        """INSERT INTO processed_events (event_id, workspace_id, event_type)
+           SELECT event_id, $1::text, event_type FROM unnest($2::text[], $3::text[])
+                  AS e (event_id, event_type)
+           ON CONFLICT (event_id) DO NOTHING RETURNING event_id""",
+        recorded[0]["workspace_id"],
+        [e["event_id"] for e in recorded],
+        [e["event_type"] for e in recorded],
+    )
+    fresh = first_seen(recorded, {row["event_id"] for row in new})
+    for run in runs(fresh):
+        if run[0]["event_type"] == "call.transcription":
+            await _turns(conn, run)
+        else:
+            await _effects(conn, run[0])
+    return len(fresh)
+
+
+def has_effects(envelope: dict[str, Any]) -> bool:
+    """Whether the recorder writes anything for the event. The others (silences, barge-ins,
+    quality alerts, agent responses, DTMF) are for streams and webhooks only; they are not
+    marked processed either: a redelivery of one has nothing to repeat, and marking them would
+    grow processed_events by a row for each, for nothing."""
+    event_type: str = envelope["event_type"]
+    return event_type.startswith("message.") or event_type in _HANDLERS
+
+
+def first_seen(envelopes: list[dict[str, Any]], new_ids: set[str]) -> list[dict[str, Any]]:
+    """The envelopes whose event is new to the store, each once and in order: a batch can hold
+    the same event twice (a producer that published it again), and only its first copy counts."""
+    unseen = set(new_ids)
+    fresh: list[dict[str, Any]] = []
+    for envelope in envelopes:
+        if envelope["event_id"] in unseen:
+            unseen.discard(envelope["event_id"])
+            fresh.append(envelope)
+    return fresh
+
+
+def runs(envelopes: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The envelopes in order, consecutive turns (`call.transcription`) together, every other
+    event alone: a run of turns is one insert, and nothing moves past another event."""
+    grouped: list[list[dict[str, Any]]] = []
+    for envelope in envelopes:
+        turn = envelope["event_type"] == "call.transcription"
+        if turn and grouped and grouped[-1][0]["event_type"] == "call.transcription":
+            grouped[-1].append(envelope)
+        else:
+            grouped.append([envelope])
+    return grouped
+
+
+async def _require_workspace(conn: Connection, workspace_id: str) -> None:
+    # Row-level security shows the transaction's own workspace row only, if it exists.
+    if not await conn.fetchval("SELECT 1 FROM workspaces"):
+        raise Unrecordable(f"no workspace {workspace_id}")
+
+
+async def _effects(conn: Connection, envelope: dict[str, Any]) -> None:
+    """What a new event changes besides being marked processed."""
     event_type: str = envelope["event_type"]
     if event_type.startswith("message."):
         await _message(conn, envelope)
@@ -40,7 +117,28 @@ async def apply(conn: Connection, envelope: dict[str, Any]) -> bool:
         handler = _HANDLERS.get(event_type)
         if handler is not None:
             await handler(conn, envelope)
-    return True
+
+
+async def _turns(conn: Connection, envelopes: list[dict[str, Any]]) -> None:
+    """Final turns of one or more calls, in order (their `seq`). No look-up of the calls first:
+    the turns' foreign key refuses a turn whose call is not recorded yet, which fails the batch,
+    and one event at a time `_call_transcription` then finds the call missing and keeps the
+    turn waiting for it."""
+    payloads = [e["payload"] for e in envelopes]
+    await conn.execute(
+        """INSERT INTO turns (id, workspace_id, call_id, role, text, spoken_at)
+           SELECT id, $1::text, call_id, role, text, spoken_at
+           FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+                WITH ORDINALITY AS t (id, call_id, role, text, spoken_at, n)
+           ORDER BY n
+           ON CONFLICT (id) DO NOTHING""",
+        envelopes[0]["workspace_id"],
+        [p["turn_id"] for p in payloads],
+        [e["call_id"] for e in envelopes],
+        [p["role"] for p in payloads],
+        [p["text"] for p in payloads],
+        [parse_iso(e["timestamp"]) for e in envelopes],
+    )
 
 
 async def _call_initiated(conn: Connection, envelope: dict[str, Any]) -> None:
