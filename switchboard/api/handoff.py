@@ -1,14 +1,14 @@
 """A stream's request that hands its connection over (issue 13, memory per stream).
 
-An SSE stream lives for hours, and while its ASGI call is running it keeps the whole call
-chain alive: a task, a coroutine frame per middleware layer, the server's request cycle and
-parser, the scope and its headers; at thousands of streams that was most of what a stream
-cost. So once a stream is live its connection is taken over by a small protocol object of ours
-(live/sse_connection.py) and the ASGI call returns. What the layers of that call hold for the
-stream's life (an open-stream slot, hub subscriptions, the registry entry, the access-log
-line) must then be released when the connection ends, not when the call returns: each layer
-gives its release to the request's `Handoff`, which runs it at once if the connection was not
-taken, or when the connection that took it ends."""
+A stream lives for hours, and while its ASGI call is running it keeps the whole call chain
+alive: a task, a coroutine frame per middleware layer, the server's protocol objects, the scope
+and its headers; at thousands of streams that was most of what a stream cost. So once a stream
+is live its connection is taken over by a small protocol object of ours
+(live/sse_connection.py, live/ws_connection.py) and the ASGI call returns. What the layers of
+that call hold for the stream's life (an open-stream slot, hub subscriptions, the registry
+entry, the access-log line) must then be released when the connection ends, not when the call
+returns: each layer gives its release to the request's `Handoff`, which runs it at once if
+the connection was not taken, or when the connection that took it ends."""
 
 from __future__ import annotations
 
