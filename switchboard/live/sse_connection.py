@@ -25,7 +25,8 @@ import asyncio
 from typing import Any
 
 from switchboard.api.handoff import Handoff
-from switchboard.live.direct import BACKLOG_BYTES, LAST_BYTES_SECONDS, http_chunk
+from switchboard.live.connection import StreamConnection
+from switchboard.live.direct import BACKLOG_BYTES, http_chunk
 from switchboard.live.frames import SSE_HEARTBEAT, Terminal
 from switchboard.live.outbox import Idle, Outbox
 
@@ -33,21 +34,8 @@ BATCH = 64  # frames joined into one write when a client has fallen behind
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-class SseConnection(asyncio.Protocol):
-    __slots__ = (
-        "chunked",
-        "done",
-        "frames_sent",
-        "give_up",
-        "handoff",
-        "heartbeats",
-        "kind",
-        "loop",
-        "outbox",
-        "paused",
-        "scheduled",
-        "transport",
-    )
+class SseConnection(StreamConnection):
+    __slots__ = ("chunked", "heartbeats")
 
     def __init__(
         self,
@@ -56,23 +44,12 @@ class SseConnection(asyncio.Protocol):
         handoff: Handoff,
         *,
         kind: str,
-        chunked: bool,
-        paused: bool,
         frames_sent: dict[str, int],
         heartbeats: dict[str, int],
     ) -> None:
-        self.transport = transport
-        self.outbox = outbox
-        self.handoff = handoff
-        self.kind = kind
-        self.chunked = chunked  # HTTP/1.1 (chunked body); HTTP/1.0 ends with the connection
-        self.paused = paused  # the client is behind: the transport's buffer is over the limit
-        self.frames_sent = frames_sent
+        super().__init__(transport, outbox, handoff, kind=kind, frames_sent=frames_sent)
+        self.chunked = True  # HTTP/1.1 (chunked body); HTTP/1.0 ends with the connection
         self.heartbeats = heartbeats
-        self.scheduled = False  # a pump is due on the loop
-        self.done = False
-        self.give_up: asyncio.TimerHandle | None = None  # drops a client that takes no end
-        self.loop = asyncio.get_running_loop()
 
     # The outbox's side.
 
@@ -86,12 +63,6 @@ class SseConnection(asyncio.Protocol):
         transport.write(http_chunk(frame) if self.chunked else frame)
         self.frames_sent[self.kind] += 1
         return True
-
-    def wake(self) -> None:
-        """The outbox has something to write: pump soon (once, however many wake it)."""
-        if not self.scheduled and not self.done:
-            self.scheduled = True
-            self.loop.call_soon(self.pump)
 
     def pump(self) -> None:
         """Writes what the outbox holds, in order, until it is empty or the client is behind."""
@@ -113,7 +84,7 @@ class SseConnection(asyncio.Protocol):
                 parts.append(item.sse())
                 self._write(parts, last=True)
                 self.transport.close()  # after what is buffered has been sent, if it is
-                self.give_up = self.loop.call_later(LAST_BYTES_SECONDS, self.transport.abort)
+                self.give_up_later()
                 self.finish()
                 return
             else:
@@ -147,27 +118,13 @@ class SseConnection(asyncio.Protocol):
             outbox.abort()
         self.handoff.end()
 
-    # The transport's side (asyncio.Protocol).
+    # The transport's side (asyncio.Protocol), beside StreamConnection's.
 
     def data_received(self, data: bytes) -> None:
         """A client says nothing on an SSE stream; whatever it sends is ignored, not kept."""
 
     def eof_received(self) -> bool | None:
         return None  # the client closed its side: the transport closes, the stream ends
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.give_up is not None:
-            self.give_up.cancel()
-        self.finish()
-
-    def pause_writing(self) -> None:
-        self.paused = True
-        self.outbox.writing_since = self.loop.time()
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self.outbox.writing_since = None
-        self.pump()
 
 
 def take_over(
@@ -187,8 +144,6 @@ def take_over(
         outbox,
         handoff,
         kind=kind,
-        chunked=True,
-        paused=False,
         frames_sent=frames_sent,
         heartbeats=heartbeats,
     )

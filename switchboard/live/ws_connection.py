@@ -25,12 +25,8 @@ from typing import Any
 
 from switchboard.api.handoff import Handoff, in_background
 from switchboard.live.audio import AudioChunk
-from switchboard.live.direct import (
-    BACKLOG_BYTES,
-    LAST_BYTES_SECONDS,
-    websocket_binary,
-    websocket_text,
-)
+from switchboard.live.connection import StreamConnection
+from switchboard.live.direct import BACKLOG_BYTES, websocket_binary, websocket_text
 from switchboard.live.frames import Ending, Terminal
 from switchboard.live.outbox import Idle, Outbox
 from switchboard.live.ws_session import COMMAND_TIMEOUT, HOLD, SKIP, CommandSession
@@ -52,30 +48,20 @@ MAX_MESSAGE = 16 * 1024  # commands are tiny; a bigger message is closed with 10
 READ_LIMIT = 64 * 1024  # unread bytes held while commands wait, before reading pauses
 
 
-class WebSocketConnection(asyncio.Protocol):
+class WebSocketConnection(StreamConnection):
     __slots__ = (
         "audio_bytes",
         "busy",
-        "close_timer",
         "closing",
-        "done",
         "failed",
-        "frames_sent",
-        "handoff",
         "held",
-        "kind",
-        "loop",
-        "outbox",
-        "paused",
         "ping_interval",
         "ping_payload",
         "ping_timer",
         "reader",
         "reading_paused",
         "room",
-        "scheduled",
         "session",
-        "transport",
     )
 
     def __init__(
@@ -89,29 +75,20 @@ class WebSocketConnection(asyncio.Protocol):
         frames_sent: dict[str, int],
         audio_bytes: dict[str, int],
     ) -> None:
-        self.transport = transport
-        self.outbox = outbox
-        self.handoff = handoff
-        self.kind = kind
+        super().__init__(transport, outbox, handoff, kind=kind, frames_sent=frames_sent)
         self.ping_interval = ping_interval
-        self.frames_sent = frames_sent
         self.audio_bytes = audio_bytes
-        self.loop = asyncio.get_running_loop()
         self.reader = FrameReader(MAX_MESSAGE)
         self.session: CommandSession | None = None  # None while the replay is written
-        self.paused = False  # the client is behind: the transport's buffer is over the limit
         self.reading_paused = False
         self.busy = False  # a listen or unlisten is under way: the next command waits
-        self.scheduled = False  # a pump is due on the loop
         self.closing = False  # our close frame is sent; the client's is awaited
-        self.done = False  # the stream is over and what it held released
         self.failed = False  # the client broke the protocol: its input is discarded
         # An event held until its command's result is queued: (text, request_id, deadline).
         self.held: tuple[str, str, float] | None = None
         self.room: asyncio.Future[None] | None = None  # what a replay waits on while paused
         self.ping_payload: bytes | None = None  # of the ping awaiting its pong
         self.ping_timer: asyncio.TimerHandle | None = None
-        self.close_timer: asyncio.TimerHandle | None = None
 
     # The ASGI call's side, until it returns.
 
@@ -152,7 +129,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.closing = True
         self.transport.write(close_frame(code, reason))
         # The client answers with its own close frame (then the socket closes), or not.
-        self.close_timer = self.loop.call_later(LAST_BYTES_SECONDS, self.transport.abort)
+        self.give_up_later()
         self.finish()
 
     # The outbox's side.
@@ -179,11 +156,6 @@ class WebSocketConnection(asyncio.Protocol):
         self.transport.write(websocket_binary(chunk))
         self.audio_bytes[self.kind] += len(chunk.pcm)
         return True
-
-    def wake(self) -> None:
-        if not self.scheduled and not self.done:
-            self.scheduled = True
-            self.loop.call_soon(self.pump)
 
     def pump(self) -> None:
         """Writes what the outbox holds, in order, until it is empty, the client is behind, or
@@ -318,7 +290,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.reader.buffer.clear()
         if self.transport.can_write_eof():
             self.transport.write_eof()
-            self._give_up_later()
+            self.give_up_later()
         else:
             self._close_transport()
         self.finish()
@@ -327,12 +299,7 @@ class WebSocketConnection(asyncio.Protocol):
         """Closes the socket once what is buffered is sent; drops it if that does not happen
         soon (a client that reads nothing would hold it forever)."""
         self.transport.close()
-        self._give_up_later()
-
-    def _give_up_later(self) -> None:
-        if self.close_timer is not None:
-            self.close_timer.cancel()
-        self.close_timer = self.loop.call_later(LAST_BYTES_SECONDS, self.transport.abort)
+        self.give_up_later()
 
     # Keep-alive.
 
@@ -377,7 +344,7 @@ class WebSocketConnection(asyncio.Protocol):
             in_background(session.close())
         self.handoff.end()
 
-    # The transport's side (asyncio.Protocol).
+    # The transport's side (asyncio.Protocol), beside StreamConnection's.
 
     def data_received(self, data: bytes) -> None:
         if self.failed:
@@ -388,20 +355,9 @@ class WebSocketConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return None  # the client closed its side without a close frame: the socket closes
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.close_timer is not None:
-            self.close_timer.cancel()
-        self.finish()
-
-    def pause_writing(self) -> None:
-        self.paused = True
-        self.outbox.writing_since = self.loop.time()
-
     def resume_writing(self) -> None:
-        self.paused = False
-        self.outbox.writing_since = None
         self._make_room()  # a replay waiting for room
-        self.pump()
+        super().resume_writing()
 
 
 def take_over(
