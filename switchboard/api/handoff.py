@@ -69,6 +69,16 @@ def handoff_of(scope: Any) -> Handoff:
     return handoff  # type: ignore[no-any-return]
 
 
+def release_when_done(scope: Any, release: Callable[[], object]) -> None:
+    """`release` now, or when the connection that took this request's stream over ends; a
+    request that is no stream has no handoff, and none is made for it."""
+    handoff = scope.get(HANDOFF)
+    if handoff is None:
+        release()
+    else:
+        handoff.release(release)
+
+
 def in_background(coroutine: Coroutine[Any, Any, None]) -> None:
     """Runs a release that must await (a hub unsubscription) as a task of its own."""
     task = asyncio.get_running_loop().create_task(coroutine)

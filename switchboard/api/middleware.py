@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.utils import ClientDisconnected
 
-from switchboard.api.handoff import handoff_of
+from switchboard.api.handoff import release_when_done
 from switchboard.api.responses import body_too_large, error_for_exception, send_error
 from switchboard.auth.authenticator import Authenticator, AuthFailure
 from switchboard.auth.keys import MalformedAuthorization, bearer_credential
@@ -141,7 +141,7 @@ class RequestContext:
                 )
 
             # A stream whose connection outlives this call is logged when it ends.
-            handoff_of(scope).release(log_access)
+            release_when_done(scope, log_access)
 
     async def _failed(self, scope: Scope, error: Exception, progress: Progress, send: Send) -> None:
         dependency = unavailable_dependency(error)

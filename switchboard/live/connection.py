@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from switchboard.api.handoff import Handoff
-from switchboard.live.direct import LAST_BYTES_SECONDS
+from switchboard.live.direct import BACKLOG_BYTES, LAST_BYTES_SECONDS
 from switchboard.live.outbox import Outbox
 
 
@@ -47,6 +47,13 @@ class StreamConnection(asyncio.Protocol):
         self.done = False  # the stream is over and what it held released
         self.give_up: asyncio.TimerHandle | None = None  # drops a client that takes no end
         self.loop = asyncio.get_running_loop()
+
+    def own(self) -> None:
+        """The server has handed the connection over: the request's releases now wait for
+        this connection's end, and the transport pauses (`pause_writing`) as soon as the client
+        is BACKLOG_BYTES behind, which is how a connection learns it."""
+        self.handoff.take()
+        self.transport.set_write_buffer_limits(high=BACKLOG_BYTES, low=BACKLOG_BYTES // 4)
 
     def pump(self) -> None:
         """Writes what the outbox holds (each stream its own way)."""

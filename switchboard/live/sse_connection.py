@@ -26,7 +26,7 @@ from typing import Any
 
 from switchboard.api.handoff import Handoff
 from switchboard.live.connection import StreamConnection
-from switchboard.live.direct import BACKLOG_BYTES, http_chunk
+from switchboard.live.direct import http_chunk
 from switchboard.live.frames import SSE_HEARTBEAT, Terminal
 from switchboard.live.outbox import Idle, Outbox
 
@@ -148,8 +148,7 @@ def take_over(
         heartbeats=heartbeats,
     )
     connection.chunked, connection.paused = protocol.hand_over(connection)
-    handoff.take()
-    transport.set_write_buffer_limits(high=BACKLOG_BYTES, low=BACKLOG_BYTES // 4)
+    connection.own()
     if connection.paused:
         outbox.writing_since = connection.loop.time()
     outbox.direct = connection.direct

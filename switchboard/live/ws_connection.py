@@ -26,7 +26,7 @@ from typing import Any
 from switchboard.api.handoff import Handoff, in_background
 from switchboard.live.audio import AudioChunk
 from switchboard.live.connection import StreamConnection
-from switchboard.live.direct import BACKLOG_BYTES, websocket_binary, websocket_text
+from switchboard.live.direct import websocket_binary, websocket_text
 from switchboard.live.frames import Ending, Terminal
 from switchboard.live.outbox import Idle, Outbox
 from switchboard.live.ws_session import COMMAND_TIMEOUT, HOLD, SKIP, CommandSession
@@ -34,6 +34,7 @@ from switchboard.live.ws_wire import (
     CLOSE,
     PING,
     PONG,
+    TEXT,
     Control,
     FrameReader,
     WireFault,
@@ -103,7 +104,7 @@ class WebSocketConnection(StreamConnection):
                 self.room = None
         if self.done or self.transport.is_closing():
             raise ConnectionResetError("the client left during the replay")
-        self.transport.write(frame(0x1, text.encode()))
+        self.transport.write(frame(TEXT, text.encode()))
 
     def _make_room(self) -> None:
         room = self.room
@@ -385,6 +386,5 @@ def take_over(
     )
     if not protocol.hand_over(connection):
         return None
-    handoff.take()
-    transport.set_write_buffer_limits(high=BACKLOG_BYTES, low=BACKLOG_BYTES // 4)
+    connection.own()
     return connection
