@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 LOG_FORMATS = ("console", "json")
+MIN_POOL_SIZE = 3
 
 
 class SettingsError(ValueError):
@@ -54,6 +55,11 @@ class Settings:
     # rate (a token bucket shared the same way); the rest comes at that rate, so one workspace
     # cannot spend its minute in seconds and crowd out the others (docs/decisions.md).
     workspace_burst_seconds: float = 2.0
+    # Connections each process keeps to Postgres at most. Streams need the database only at
+    # their open, and a request holds a connection for one short transaction; past a few per
+    # core, more connections only queue inside Postgres, and each costs a backend process
+    # (about 1.4 MiB) that an open storm would otherwise leave behind (docs/decisions.md).
+    database_pool_size: int = 8
     # The application role's password; unset, a random one kept in the database is used.
     app_role_password: str | None = field(default=None, repr=False)
 
@@ -132,5 +138,9 @@ def validate(settings: Settings) -> None:
     ):
         if url is not None and not url.startswith(schemes):
             raise SettingsError(f"{name} must start with one of {', '.join(schemes)}")
+    if settings.database_pool_size < MIN_POOL_SIZE:
+        # One connection may be held for good (the outbox relay's lock), and the durable
+        # consumers and requests need theirs beside it.
+        raise SettingsError(f"SWITCHBOARD_DATABASE_POOL_SIZE must be at least {MIN_POOL_SIZE}")
     if settings.stream_replicas not in (1, 3, 5):
         raise SettingsError("SWITCHBOARD_STREAM_REPLICAS must be 1, 3 or 5")

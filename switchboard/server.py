@@ -27,7 +27,6 @@ from switchboard.bus import connect_bus
 from switchboard.bus.event_outbox import OutboxRelay
 from switchboard.config import Settings
 from switchboard.db import Database, connect_database
-from switchboard.db.database import POOL_MAX_SIZE
 from switchboard.embedded import EmbeddedNats, EmbeddedPostgres
 from switchboard.limits.shared import SharedLimits
 from switchboard.live.hub import Hub
@@ -96,7 +95,9 @@ def start_backends(settings: Settings, processes: int = 1) -> Backends:
         if not settings.database_url:
             postgres = EmbeddedPostgres(
                 data_dir / "postgres",
-                max_connections=max(200, POOL_MAX_SIZE * processes + ADMIN_CONNECTIONS),
+                max_connections=max(
+                    200, settings.database_pool_size * processes + ADMIN_CONNECTIONS
+                ),
             )
             backends.owned.append(postgres)
             backends.database_url = postgres.start()
@@ -138,7 +139,11 @@ def read_run_file(data_dir: Path) -> dict[str, Any] | None:
 
 
 async def open_services(settings: Settings, database_url: str, nats_url: str) -> Services:
-    database = await connect_database(database_url, app_role_password=settings.app_role_password)
+    database = await connect_database(
+        database_url,
+        app_role_password=settings.app_role_password,
+        max_size=settings.database_pool_size,
+    )
     try:
         bus = await connect_bus(
             nats_url,
@@ -428,7 +433,10 @@ async def prepare_store(settings: Settings, backends: Backends, demo: bool) -> F
     """Before any worker starts: migrates the database (once, not once per worker) and, on the
     first start of an embedded install, creates the workspace and its key."""
     database = await connect_database(
-        backends.database_url, app_role_password=settings.app_role_password
+        backends.database_url,
+        app_role_password=settings.app_role_password,
+        min_size=1,
+        max_size=2,
     )
     try:
         api_key = (

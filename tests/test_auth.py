@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 
 import asyncpg
 import httpx
 import pytest
 
+from switchboard.auth import stream_tokens
 from switchboard.auth.authenticator import Authenticator, AuthFailure
 from switchboard.auth.policy import is_stream_path, query_token_allowed
 from switchboard.db import connect_database
+from switchboard.db.database import ApiKeyCandidate
 from switchboard.ids import new_id
 from tests.harness import ServerThread, Workspace, eventually
 from tests.routes import fill, routes
@@ -186,6 +190,68 @@ async def test_key_cache_never_outlives_its_ttl(database_url: str, workspace: Wo
             await authenticator.authenticate(workspace.key)
         assert Authenticator(database, cache_ttl=3600).cache_ttl == 60
     finally:
+        await database.close()
+
+
+async def test_requests_that_miss_the_cache_together_share_one_read(
+    database_url: str, workspace: Workspace
+) -> None:
+    """A storm of opens with one key after a restart asks the database once, not once each
+    (every read in flight holds a pooled connection: a Postgres backend)."""
+    database = await connect_database(database_url, min_size=1, max_size=4)
+    authenticator = Authenticator(database)
+    try:
+        principals = await asyncio.gather(
+            *(authenticator.authenticate(workspace.key) for _ in range(50))
+        )
+        assert {p.workspace_id for p in principals} == {workspace.id}
+        assert authenticator.key_reads == 1
+        key_id = principals[0].key_id
+        token = stream_tokens.sign(
+            database.stream_token_secret,
+            stream_tokens.StreamClaims(workspace.id, new_id("call"), key_id, int(time.time()) + 60),
+        )
+        scoped = await asyncio.gather(*(authenticator.authenticate(token) for _ in range(50)))
+        assert {p.key_id for p in scoped} == {key_id}
+        assert authenticator.key_reads == 2
+    finally:
+        await database.close()
+
+
+async def test_a_read_under_way_when_a_revocation_is_heard_is_not_kept(
+    database_url: str, workspace: Workspace
+) -> None:
+    """The revocation is announced while a lookup that began before it is still reading: that
+    lookup may answer its own request, but its answer must not be cached, or the revoked key
+    would keep working on this replica for the cache's TTL."""
+    database = await connect_database(database_url, min_size=1, max_size=2)
+    authenticator = Authenticator(database)
+    owner = await asyncpg.connect(database_url)
+    try:
+        key_id = await owner.fetchval(
+            "SELECT id FROM api_keys WHERE workspace_id = $1", workspace.id
+        )
+        # The read is held at the database's door until the revocation has been heard.
+        reading, let_through = asyncio.Event(), asyncio.Event()
+        read_candidates = database.key_candidates
+
+        async def held_read(prefix: str) -> list[ApiKeyCandidate]:
+            reading.set()
+            await let_through.wait()
+            return await read_candidates(prefix)
+
+        database.key_candidates = held_read  # type: ignore[method-assign]
+        lookup = asyncio.create_task(authenticator.authenticate(workspace.key))
+        await asyncio.wait_for(reading.wait(), 5.0)
+        authenticator.forget_key(key_id)  # heard before the read returns
+        let_through.set()
+        assert (await lookup).key_id == key_id
+        await owner.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
+        with pytest.raises(AuthFailure):
+            await authenticator.authenticate(workspace.key)
+        assert authenticator.key_reads == 2
+    finally:
+        await owner.close()
         await database.close()
 
 

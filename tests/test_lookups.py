@@ -1,5 +1,6 @@
-"""What a stream's open asks the database, shared and remembered (live/lookups.py): the logic,
-with a read of our own in place of the database (the streams' tests use the real one)."""
+"""What a stream's open asks the database, shared and remembered (live/lookups.py,
+shared_lookups.py): the logic, with a read of our own in place of the database (the streams'
+tests use the real one)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,8 @@ import asyncio
 
 import pytest
 
-from switchboard.live.lookups import (
-    IN_PROGRESS_SECONDS,
-    SharedLookups,
-    keep_call_status,
-    keep_existence,
-)
+from switchboard.live.lookups import IN_PROGRESS_SECONDS, keep_call_status, keep_existence
+from switchboard.shared_lookups import SharedLookups
 
 Key = tuple[str, str]
 

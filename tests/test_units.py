@@ -32,8 +32,10 @@ def test_settings_from_environment_and_flags() -> None:
             "SWITCHBOARD_WEBHOOK_ALLOW_PRIVATE": "true",
             "SWITCHBOARD_DATABASE_URL": "postgresql://u:p@db/x",
             "SWITCHBOARD_DATA_DIR": "/tmp/sb",
+            "SWITCHBOARD_DATABASE_POOL_SIZE": "12",
         }
     )
+    assert settings.database_pool_size == 12
     assert settings.heartbeat_interval == 2.5 and settings.stream_buffer == 8
     assert settings.write_deadline == 3.0 and settings.webhook_allow_private is True
     assert settings.data_dir == Path("/tmp/sb") and not settings.embedded_database
@@ -51,6 +53,7 @@ def test_settings_from_environment_and_flags() -> None:
         ("SWITCHBOARD_WEBHOOK_ALLOW_PRIVATE", "maybe"),
         ("SWITCHBOARD_LOG_FORMAT", "xml"),
         ("SWITCHBOARD_NATS_URL", "http://x"),
+        ("SWITCHBOARD_DATABASE_POOL_SIZE", "2"),
     ):
         with pytest.raises(SettingsError, match=name.removeprefix("SWITCHBOARD_")[:6]):
             load_settings({name: value})

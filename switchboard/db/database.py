@@ -22,8 +22,6 @@ from switchboard.db.commits import commit_starting
 from switchboard.db.migrate import apply_migrations
 
 log = logging.getLogger(__name__)
-# Connections one process's pool may open: `serve` sizes an embedded Postgres by it.
-POOL_MAX_SIZE = 20
 
 APP_ROLE = "switchboard_app"
 
@@ -267,9 +265,9 @@ class Database:
 async def connect_database(
     owner_url: str,
     *,
+    max_size: int,
     app_role_password: str | None = None,
     min_size: int = 2,
-    max_size: int = POOL_MAX_SIZE,
 ) -> Database:
     prepared = await prepare_database(owner_url, app_role_password)
     pool = await asyncpg.create_pool(

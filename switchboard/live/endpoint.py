@@ -20,9 +20,10 @@ from switchboard.api.responses import send_error
 from switchboard.errors import ApiError
 from switchboard.ids import is_id
 from switchboard.live.hub import View
-from switchboard.live.lookups import SharedLookups, keep_call_status, keep_existence
+from switchboard.live.lookups import keep_call_status, keep_existence
 from switchboard.live.outbox import Frame, GapFrame, Outbox
 from switchboard.outage import BusUnavailable
+from switchboard.shared_lookups import SharedLookups
 
 
 class StreamEndpoint:
