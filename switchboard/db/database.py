@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -247,12 +247,23 @@ class Database:
             status = await conn.fetchval("SELECT status FROM calls WHERE id = $1", call_id)
         return None if status is None else str(status)
 
-    async def conversation_exists(self, workspace_id: str, conversation_id: str) -> bool:
+    async def call_statuses(self, workspace_id: str, call_ids: Collection[str]) -> dict[str, str]:
+        """The statuses of those of `call_ids` that exist in this workspace."""
         async with self.workspace(workspace_id) as conn:
-            found = await conn.fetchval(
-                "SELECT 1 FROM conversations WHERE id = $1", conversation_id
+            rows = await conn.fetch(
+                "SELECT id, status FROM calls WHERE id = ANY($1::text[])", list(call_ids)
             )
-        return found is not None
+        return {str(r["id"]): str(r["status"]) for r in rows}
+
+    async def existing_conversations(
+        self, workspace_id: str, conversation_ids: Collection[str]
+    ) -> dict[str, bool]:
+        """Those of `conversation_ids` that exist in this workspace, each mapped to True."""
+        async with self.workspace(workspace_id) as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM conversations WHERE id = ANY($1::text[])", list(conversation_ids)
+            )
+        return {str(r["id"]): True for r in rows}
 
     async def ping(self) -> None:
         async with self.pool.acquire() as conn:

@@ -17,6 +17,7 @@ from switchboard.api.deps import Services
 from switchboard.api.handoff import handoff_of, in_background
 from switchboard.api.http_protocol import CONNECTION_EXTENSION
 from switchboard.api.responses import send_error
+from switchboard.batched_reads import BatchedReads
 from switchboard.errors import ApiError
 from switchboard.ids import is_id
 from switchboard.live.hub import View
@@ -33,13 +34,16 @@ class StreamEndpoint:
         self.services = services
         metrics = services.metrics
         database = services.database
-        # What opens ask the database, asked once for the opens that ask at once (a reconnect
-        # storm) and remembered while the answer holds (live/lookups.py).
+        # What opens ask the database: asked once for the opens that ask at once (a reconnect
+        # storm), remembered while the answer holds (live/lookups.py), and the questions about
+        # one workspace's calls read together (batched_reads.py).
+        calls = BatchedReads[str, str, str | None](database.call_statuses, None)
+        conversations = BatchedReads[str, str, bool](database.existing_conversations, False)
         self.call_statuses: SharedLookups[tuple[str, str], str | None] = SharedLookups(
-            lambda key: database.call_status(*key), keep_call_status, time.monotonic
+            lambda key: calls.read(*key), keep_call_status, time.monotonic
         )
         self.conversations: SharedLookups[tuple[str, str], bool] = SharedLookups(
-            lambda key: database.conversation_exists(*key), keep_existence, time.monotonic
+            lambda key: conversations.read(*key), keep_existence, time.monotonic
         )
         self.resumes = metrics.counter(
             "switchboard_stream_resumes_total",
