@@ -19,8 +19,20 @@ PREFIXES = frozenset(
 _ID_RE = re.compile(r"(?P<prefix>[a-z]+)_(?P<body>[0-9A-Za-z]{16,64})")
 
 
+UNBIASED_BELOW = 248  # 4 x 62: a byte under it maps to each character equally often
+
+
 def random_base62(length: int) -> str:
-    return "".join(secrets.choice(BASE62) for _ in range(length))
+    # One read of the OS's randomness per id (`secrets.choice` made one per character, 22
+    # system calls for every request id); bytes of 248 and above are skipped, not folded in.
+    chars: list[str] = []
+    while len(chars) < length:
+        for byte in secrets.token_bytes(length + 8):
+            if byte < UNBIASED_BELOW:
+                chars.append(BASE62[byte % 62])
+                if len(chars) == length:
+                    break
+    return "".join(chars)
 
 
 def new_id(prefix: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from switchboard.auth.policy import query_tokens
 from switchboard.config import Settings, SettingsError, load_settings
 from switchboard.db.database import app_role_url
 from switchboard.events import EventError, check_envelope, make_envelope, subject_for
-from switchboard.ids import is_id, iso_ms, new_id, parse_iso
+from switchboard.ids import BASE62, KEY_BODY_LENGTH, is_id, iso_ms, new_id, parse_iso, random_base62
 from switchboard.logs import RedactingFilter, redact
 
 
@@ -65,6 +66,10 @@ def test_ids_and_timestamps() -> None:
     assert new_id("call") != ident
     with pytest.raises(ValueError):
         new_id("bogus")
+    # Every character of the alphabet is drawn, none far more often than the others.
+    drawn = Counter("".join(random_base62(40) for _ in range(2000)))
+    assert set(drawn) == set(BASE62) and max(drawn.values()) < 2 * min(drawn.values())
+    assert len(random_base62(KEY_BODY_LENGTH)) == KEY_BODY_LENGTH
     stamp = iso_ms(parse_iso("2026-05-15T14:32:01.123456+02:00"))
     assert stamp == "2026-05-15T12:32:01.123Z"
 

@@ -275,6 +275,10 @@ def create_app(services: Services) -> ASGIApp:
         # Paths are exact: /v1/calls/ is a 404 envelope like any unknown path, not a redirect
         # whose Location echoes the request's path back.
         redirect_slashes=False,
+        # FastAPI's OpenTelemetry hooks asked, on every request, whether a provider had been
+        # configured since (environment lookups, a tenth of a small request's CPU); nothing
+        # here configures one, and /metrics is our own (docs/decisions.md).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.services = services
     for module in (workspace, keys, agents, calls, conversations, messages, streams, webhooks):

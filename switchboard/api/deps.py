@@ -37,12 +37,14 @@ class Services:
     siblings: SiblingMetrics | None = None
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: FastAPI runs a plain function dependency on a worker thread, a hand-off that
+    # cost more than the rest of a small request.
     services: Services = request.app.state.services
     return services
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     # Set by the Authentication middleware, which every /v1 request passes through.
     principal: Principal = request.scope["state"]["principal"]
     return principal

@@ -95,7 +95,8 @@ class OutboxRelay:
     async def _run(self) -> None:
         while True:
             try:
-                async with self.database.pool.acquire() as conn:
+                # The lock and the LISTEN outlive any transaction (db/database.py, session).
+                async with self.database.session() as conn:
                     await self._relay(conn)
             except asyncio.CancelledError:
                 raise
