@@ -24,6 +24,7 @@ from switchboard.live.metrics import Metrics
 from switchboard.live.outbox import Outbox
 from switchboard.live.ratelimit import TokenBucket
 from switchboard.live.registry import StreamRegistry
+from tests.harness import eventually
 
 
 async def test_outbox_drops_the_newest_when_full_and_keeps_terminal_and_replies() -> None:
@@ -326,6 +327,22 @@ def test_audio_is_shed_while_the_loop_runs_late_and_not_before() -> None:
     assert LoopLag.observe(False, late, SUSTAINED)
     assert LoopLag.observe(True, RESUME_BELOW + 0.001, 0)  # still shedding until punctual
     assert not LoopLag.observe(True, RESUME_BELOW - 0.001, 0)
+
+
+async def test_the_lag_sampler_runs_only_while_its_answer_is_wanted() -> None:
+    """Fifty wake-ups a second cost an idle process more than anything else it does: the
+    sampler starts when the hub asks (audio is flowing) and stops once nobody has asked."""
+    from switchboard.live.lag import LoopLag
+
+    lag = LoopLag(idle_after=0.2)
+    lag.start()
+    assert not lag.sampling
+    assert lag.lagging is False and lag.sampling
+    await eventually(lambda: not lag.sampling, within=5.0)
+    assert lag.lagging is False  # asked again: sampling anew, punctual until shown otherwise
+    assert lag.sampling
+    lag.stop()
+    assert not lag.sampling and not lag.lagging
 
 
 async def test_a_catch_up_that_cannot_read_the_history_sends_every_watcher_a_gap(
