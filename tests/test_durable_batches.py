@@ -305,6 +305,31 @@ async def test_batches_of_a_workspace_that_does_not_exist_are_dropped(
         assert rows == [], table
 
 
+async def test_quiet_batches_of_a_known_workspace_are_acknowledged_without_a_transaction(
+    consumers: Consumers, database_url: str, workspace: Workspace
+) -> None:
+    """The first batch the recorder writes nothing for checks its workspace; later ones in the
+    same workspace are acknowledged as applied without another look (workspaces are never
+    deleted), and a batch with something to write still writes it."""
+    ws, call_id = workspace.id, new_id("call")
+    recorder = consumers.recorder
+    for _ in range(2):
+        await store_envelope(consumers.bus.js, silence(ws, call_id))
+    await recorder.start()
+    await eventually(lambda: settled([recorder]), within=30)
+    assert recorder.handled == 2
+    assert ws in recorder.known_workspaces
+    later = [silence(ws, call_id), initiated(ws, call_id), silence(ws, call_id)]
+    for envelope in later:
+        await store_envelope(consumers.bus.js, envelope)
+    await eventually(lambda: settled([recorder]), within=30)
+    assert recorder.handled == 5
+    processed = await column(
+        database_url, "SELECT event_id FROM processed_events WHERE workspace_id = $1", ws
+    )
+    assert processed == [later[1]["event_id"]]
+
+
 def test_runs_group_consecutive_turns_and_keep_everything_in_order() -> None:
     ws, call_id = new_id("ws"), new_id("call")
     start, t1, t2, quiet, t3, end = (
