@@ -1,14 +1,18 @@
 """Reads of one group's items made as one read (batched_reads.py): the logic, with a read of our
-own in place of the database (the streams' tests read the real one through it)."""
+own in place of the database, and the database's batched reads under row-level security."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection
 
+import httpx
 import pytest
 
 from switchboard.batched_reads import BatchedReads
+from switchboard.db import connect_database
+from switchboard.ids import new_id
+from tests.harness import Workspace
 
 
 class Table:
@@ -99,3 +103,29 @@ async def test_a_caller_that_leaves_does_not_take_the_answer_from_the_others() -
         await leaving
     table.gate.set()
     assert await staying == "in_progress"
+
+
+async def call_in(client: httpx.AsyncClient, workspace: Workspace) -> str:
+    placed = await client.post(
+        "/v1/calls",
+        headers=workspace.headers,
+        json={"to_number": "+14155550180", "from_number": "+14155550181"},
+    )
+    assert placed.status_code == 201, placed.text
+    return str(placed.json()["id"])
+
+
+async def test_a_workspaces_batched_read_never_finds_another_workspaces_rows(
+    client: httpx.AsyncClient, database_url: str, workspace: Workspace, other_workspace: Workspace
+) -> None:
+    ours, theirs = await call_in(client, workspace), await call_in(client, other_workspace)
+    missing = new_id("call")
+    database = await connect_database(database_url, min_size=1, max_size=2)
+    try:
+        statuses = await database.call_statuses(workspace.id, [ours, theirs, missing])
+        assert set(statuses) == {ours}
+        assert (await database.call_statuses(other_workspace.id, [ours, theirs])).keys() == {theirs}
+        conversations = await database.existing_conversations(workspace.id, [new_id("conv")])
+        assert conversations == {}
+    finally:
+        await database.close()

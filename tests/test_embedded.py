@@ -197,13 +197,15 @@ async def test_a_given_app_password_is_used_and_never_sent_in_clear(
 async def test_postgres_has_room_for_the_pools_of_every_process(home: Path) -> None:
     from switchboard.server import start_backends
 
-    # A serve of 12 processes (each pools up to 20 connections) needs more than the default.
-    settings = Settings(data_dir=home / "many-workers", nats_url="nats://127.0.0.1:1")
+    # A serve of 12 processes, each pooling up to 30 connections, needs more than the default.
+    settings = Settings(
+        data_dir=home / "many-workers", nats_url="nats://127.0.0.1:1", database_pool_size=30
+    )
     backends = start_backends(settings, processes=12)
     try:
         conn = await asyncpg.connect(backends.database_url)
         try:
-            assert int(await conn.fetchval("SHOW max_connections")) >= 12 * 20
+            assert int(await conn.fetchval("SHOW max_connections")) >= 12 * 30
         finally:
             await conn.close()
     finally:
