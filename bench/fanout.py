@@ -195,12 +195,20 @@ def tree_cpu(server: psutil.Process) -> float:
     """CPU seconds (user + system) of the server's whole process tree, its exited processes
     included (each is counted in its parent once reaped: Postgres forks a backend per
     connection)."""
-    total = 0.0
+    return sum(tree_cpu_by_name(server).values())
+
+
+def tree_cpu_by_name(server: psutil.Process) -> dict[str, float]:
+    """`tree_cpu` by process name: `sb-api-1` ... and `sb-consumers` (a serve names its
+    processes), `nats-server`, `postgres`, and the supervisor's `python`."""
+    by_name: dict[str, float] = {}
     for process in tree(server):
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-    return total
+            used = times.user + times.system + times.children_user + times.children_system
+            name = process.name()
+            by_name[name] = by_name.get(name, 0.0) + used
+    return by_name
 
 
 def tree_pss(server: psutil.Process) -> int:
@@ -348,13 +356,15 @@ def _measure(
     time.sleep(1.0)  # let the server settle after the connection storm before measuring memory
     pss_open = tree_pss(server)
     metrics_before = http.get("/metrics").text
-    cpu_before = tree_cpu(server)
+    cpu_before = tree_cpu_by_name(server)
     nats_url = orjson.loads((data_dir / "run.json").read_bytes())["nats_url"]
     sent, achieved = asyncio.run(
         publish(nats_url, workspace_id, calls, args.rate, args.seconds, kinds, args.burst)
     )
     time.sleep(1.0)  # the last frames in flight
-    cpu_used = tree_cpu(server) - cpu_before
+    cpu_after = tree_cpu_by_name(server)
+    cpu_by_name = {k: v - cpu_before.get(k, 0.0) for k, v in sorted(cpu_after.items())}
+    cpu_used = sum(cpu_by_name.values())
     metrics_after = http.get("/metrics").text
     for pipe in pipes:
         pipe.send("stop")
@@ -386,6 +396,8 @@ def _measure(
         "latency_ms_p95": round(percentile(latencies, 0.95) * 1000, 2),
         "latency_ms_p99": round(percentile(latencies, 0.99) * 1000, 2),
         "server_cpu_seconds": round(cpu_used, 2),
+        # Where it went: each gateway, the consumers (recorder, webhooks), NATS, Postgres.
+        "server_cpu_by_process": {k: round(v, 2) for k, v in cpu_by_name.items()},
         "server_workers": args.server_workers or "default",
         "burst": args.burst,
         "cpu_s_per_100k_frames": round(cpu_used / max(1, frames) * 1e5, 2),

@@ -46,6 +46,7 @@ READY_TIMEOUT = 120.0  # seconds for every process to start (migrations, a cold 
 RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15  # the process's name as `ps`, `top` and psutil show it (15 bytes at most)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ def plan_processes(workers: int, roles: Iterable[str]) -> list[ProcessPlan]:
     if chosen & CONSUMER_ROLES:
         plans.append(ProcessPlan("consumers", chosen & CONSUMER_ROLES))
     return plans
+
+
+def process_name(plan: ProcessPlan) -> str:
+    return f"sb-{plan.name}"
 
 
 def simulator_home(plans: Sequence[ProcessPlan]) -> ProcessPlan:
@@ -164,7 +169,11 @@ def worker_main(spec: WorkerSpec, parent: Connection) -> None:
     # Ctrl-C in a terminal reaches every process of the group; the supervisor's SIGTERM too.
     # Either drains. If the supervisor is killed outright, the kernel sends SIGTERM.
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        # `sb-api-1`, `sb-consumers`: an operator (or a benchmark) can tell the processes of a
+        # serve apart, and which one is busy, instead of seeing `python` several times.
+        libc.prctl(PR_SET_NAME, process_name(spec.plan).encode()[:15], 0, 0, 0)
     # A Ctrl-C before the loop takes the signals over is the supervisor's to handle (it sends
     # SIGTERM); after, the loop's handlers make it a graceful stop here too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -31,6 +31,10 @@ def test_fanout_benchmark_runs_and_accounts_for_every_frame() -> None:
     assert result["frames_expected"] >= 100
     assert result["latency_ms_p50"] > 0
     assert "cores" in result["machine"]
+    # The CPU is split by process, each named by the serve, and the parts add up to the whole.
+    by_process = result["server_cpu_by_process"]
+    assert {"sb-api-1", "sb-api-2"} <= by_process.keys()
+    assert abs(sum(by_process.values()) - result["server_cpu_seconds"]) < 0.05
 
 
 def test_resume_storm_benchmark_loses_and_duplicates_nothing() -> None:

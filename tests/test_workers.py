@@ -243,7 +243,8 @@ async def test_each_role_runs_alone_and_does_only_its_part(
         only_api = ("--workers", "1", "--role", "api")
         async with serve(own_database, nats_of_its_own, *only_api, data_dir=tmp_path / "a") as api:
             assert api.url is not None
-            assert [w for w in api.workers() if w.name().startswith("python")], "no worker"
+            # One gateway, named so in `ps`, and no consumers process.
+            assert {w.name() for w in api.workers()} & {"sb-api-1", "sb-consumers"} == {"sb-api-1"}
             async with httpx.AsyncClient(base_url=api.url, headers=workspace.headers) as http:
                 hook = await http.post("/v1/webhooks", json={"url": receiver.url})
                 assert hook.status_code == 201, hook.text
@@ -274,6 +275,9 @@ async def test_each_role_runs_alone_and_does_only_its_part(
                     own_database, nats_of_its_own, "--role", "recorder", data_dir=tmp_path / "r"
                 ) as recorder:
                     assert recorder.url is None and "recorder (no HTTP port)" in recorder.banner
+                    names = {w.name() for w in recorder.workers()}
+                    assert "sb-consumers" in names
+                    assert not any(name.startswith("sb-api") for name in names)
                     await eventually(turns, within=20)
                     assert await turns() == ["recorded by the recorder role"]
                     assert receiver.received == []
