@@ -13,6 +13,7 @@ from switchboard.batched_reads import BatchedReads
 from switchboard.db import connect_database
 from switchboard.ids import new_id
 from tests.harness import Workspace
+from tests.test_streams import new_call
 
 
 class Table:
@@ -105,20 +106,10 @@ async def test_a_caller_that_leaves_does_not_take_the_answer_from_the_others() -
     assert await staying == "in_progress"
 
 
-async def call_in(client: httpx.AsyncClient, workspace: Workspace) -> str:
-    placed = await client.post(
-        "/v1/calls",
-        headers=workspace.headers,
-        json={"to_number": "+14155550180", "from_number": "+14155550181"},
-    )
-    assert placed.status_code == 201, placed.text
-    return str(placed.json()["id"])
-
-
 async def test_a_workspaces_batched_read_never_finds_another_workspaces_rows(
     client: httpx.AsyncClient, database_url: str, workspace: Workspace, other_workspace: Workspace
 ) -> None:
-    ours, theirs = await call_in(client, workspace), await call_in(client, other_workspace)
+    ours, theirs = await new_call(client, workspace), await new_call(client, other_workspace)
     missing = new_id("call")
     database = await connect_database(database_url, min_size=1, max_size=2)
     try:
