@@ -79,3 +79,36 @@ async def test_a_sessions_lock_and_listen_are_released_when_it_is_handed_back(
         assert await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
     finally:
         await other.close()
+
+
+async def test_one_workspace_cannot_take_every_connection_from_the_others(
+    database_url: str, workspace: Workspace, other_workspace: Workspace
+) -> None:
+    """A pool of 3 leaves a workspace a share of 1 (db/shares.py): while one of its
+    transactions is open, its next one waits, and another workspace's goes through."""
+    database = await connect_database(database_url, min_size=1, max_size=3)
+    try:
+        assert database.shares.share == 1
+        holding, release = asyncio.Event(), asyncio.Event()
+        order: list[str] = []
+
+        async def transaction(ws: Workspace, name: str, hold: bool = False) -> None:
+            async with database.workspace(ws.id) as conn:
+                await conn.fetchval("SELECT 1")
+                order.append(name)
+                if hold:
+                    holding.set()
+                    await release.wait()
+
+        first = asyncio.create_task(transaction(workspace, "first", hold=True))
+        await asyncio.wait_for(holding.wait(), 5.0)
+        second = asyncio.create_task(transaction(workspace, "second"))
+        await asyncio.wait_for(transaction(other_workspace, "other"), 5.0)
+        assert order == ["first", "other"]  # the second waits for its workspace's turn
+        assert not second.done()
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5.0)
+        assert order == ["first", "other", "second"]
+        assert database.shares.gates() == 0  # nothing is kept for idle workspaces
+    finally:
+        await database.close()

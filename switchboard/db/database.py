@@ -20,6 +20,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from switchboard.db.commits import commit_starting
 from switchboard.db.migrate import apply_migrations
+from switchboard.db.shares import WorkspaceShares, share_of
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +245,18 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, stream_token_secret: bytes) -> None:
         self.pool = pool
         self.stream_token_secret = stream_token_secret
+        # No workspace holds all of the pool: two connections stay for the others (shares.py).
+        self.shares = WorkspaceShares(share_of(pool.get_max_size()))
 
     @asynccontextmanager
     async def workspace(self, workspace_id: str) -> AsyncIterator[Connection]:
-        """A transaction in which row-level security shows only `workspace_id`'s rows."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        """A transaction in which row-level security shows only `workspace_id`'s rows, on a
+        connection taken within the workspace's share of the pool."""
+        async with (
+            self.shares.turn(workspace_id),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
             await conn.execute("SELECT set_config('app.workspace_id', $1, true)", workspace_id)
             yield conn
             # Reached only when the body did not raise: the transaction commits next, and from
