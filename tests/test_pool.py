@@ -84,9 +84,9 @@ async def test_a_sessions_lock_and_listen_are_released_when_it_is_handed_back(
 async def test_one_workspace_cannot_take_every_connection_from_the_others(
     database_url: str, workspace: Workspace, other_workspace: Workspace
 ) -> None:
-    """A pool of 3 leaves a workspace a share of 1 (db/shares.py): while one of its
+    """A pool of 4 leaves a workspace a share of 1 (db/shares.py): while one of its
     transactions is open, its next one waits, and another workspace's goes through."""
-    database = await connect_database(database_url, min_size=1, max_size=3)
+    database = await connect_database(database_url, min_size=1, max_size=4)
     try:
         assert database.shares.share == 1
         holding, release = asyncio.Event(), asyncio.Event()

@@ -245,7 +245,7 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, stream_token_secret: bytes) -> None:
         self.pool = pool
         self.stream_token_secret = stream_token_secret
-        # No workspace holds all of the pool: two connections stay for the others (shares.py).
+        # No workspace holds the whole pool: two connections stay for the others (shares.py).
         self.shares = WorkspaceShares(share_of(pool.get_max_size()))
 
     @asynccontextmanager

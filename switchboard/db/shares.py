@@ -3,10 +3,11 @@
 The pool is small (`SWITCHBOARD_DATABASE_POOL_SIZE`, 8 by default) and shared by every
 workspace a process serves. Without a bound, one workspace's burst (a flood of requests, a
 storm of slow list pages) takes every connection, and another workspace's one request waits in
-the pool's queue behind all of it. With a share of the pool size less two, a workspace's
-transactions beyond its share wait on their own workspace's turn, and two connections are
-always left for the others. A share is held only while a workspace's transaction is; the gate
-is forgotten when nobody holds or awaits it, so idle workspaces cost nothing."""
+the pool's queue behind all of it. With a share of the pool size less three (the outbox relay
+may hold one for good), a workspace's transactions beyond its share wait on their own
+workspace's turn, and two connections are always left for the others. A share is held only
+while a workspace's transaction is; the gate is forgotten when nobody holds or awaits it, so
+idle workspaces cost nothing."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 LEFT_FOR_OTHERS = 2
+HELD_BY_THE_RELAY = 1  # the outbox relay's session (bus/event_outbox.py)
 
 
 def share_of(pool_size: int) -> int:
-    return max(1, pool_size - LEFT_FOR_OTHERS)
+    return max(1, pool_size - HELD_BY_THE_RELAY - LEFT_FOR_OTHERS)
 
 
 class WorkspaceShares:
