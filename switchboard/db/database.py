@@ -286,12 +286,6 @@ class Database:
                 await conn.fetchval("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1", key_id)
             )
 
-    async def call_status(self, workspace_id: str, call_id: str) -> str | None:
-        """The call's status, or None when it does not exist in this workspace."""
-        async with self.workspace(workspace_id) as conn:
-            status = await conn.fetchval("SELECT status FROM calls WHERE id = $1", call_id)
-        return None if status is None else str(status)
-
     async def call_statuses(self, workspace_id: str, call_ids: Collection[str]) -> dict[str, str]:
         """The statuses of those of `call_ids` that exist in this workspace."""
         async with self.workspace(workspace_id) as conn:

@@ -40,7 +40,9 @@ async def create_stream_token(
     that issued it ends it too."""
     if principal.is_stream_token:
         raise ApiError("UNAUTHENTICATED", "A stream token cannot issue stream tokens.")
-    if await services.database.call_status(principal.workspace_id, body.call_id) is None:
+    if body.call_id not in await services.database.call_statuses(
+        principal.workspace_id, [body.call_id]
+    ):
         raise not_found("call", body.call_id)
     expires_at = int(time.time()) + body.ttl_seconds
     claims = stream_tokens.StreamClaims(
