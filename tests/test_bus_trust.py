@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -42,20 +43,31 @@ class Consumers:
         self.router = WebhookRouter(database, bus, metrics=metrics)
 
 
-@pytest.fixture
-async def consumers(own_nats: EmbeddedNats, database_url: str) -> AsyncIterator[Consumers]:
+@asynccontextmanager
+async def consumers_on(
+    nats_url: str, database_url: str, *, started: bool
+) -> AsyncIterator[Consumers]:
+    """The recorder and the webhook router on their own database pool and bus connection,
+    started or not (a test that stores its events first starts them itself)."""
     database = await connect_database(database_url, min_size=1, max_size=4)
-    bus = await connect_bus(own_nats.client_url)
+    bus = await connect_bus(nats_url)
     running = Consumers(database, bus, Metrics())
-    await running.recorder.start()
-    await running.router.start()
     try:
+        if started:
+            await running.recorder.start()
+            await running.router.start()
         yield running
     finally:
         await running.recorder.stop()
         await running.router.stop()
         await bus.close()
         await database.close()
+
+
+@pytest.fixture
+async def consumers(own_nats: EmbeddedNats, database_url: str) -> AsyncIterator[Consumers]:
+    async with consumers_on(own_nats.client_url, database_url, started=True) as running:
+        yield running
 
 
 def initiated(workspace_id: str, call_id: str) -> dict[str, Any]:

@@ -13,19 +13,23 @@ import asyncpg
 import orjson
 import pytest
 
-from switchboard.bus import connect_bus
 from switchboard.bus.connection import store_envelope
 from switchboard.bus.durable import EventConsumer
-from switchboard.db import connect_database
 from switchboard.embedded import EmbeddedNats
 from switchboard.events import EVENTS_STREAM, call_events_subject, make_envelope
 from switchboard.ids import new_id
-from switchboard.live.metrics import Metrics
 from switchboard.recorder.consumer import Recorder
 from switchboard.recorder.effects import first_seen, has_effects, runs
 from switchboard.webhooks.router import WebhookRouter, deliveries
 from tests.harness import Workspace, eventually
-from tests.test_bus_trust import Consumers, initiated, owner_fetch, turn, unrecordable
+from tests.test_bus_trust import (
+    Consumers,
+    consumers_on,
+    initiated,
+    owner_fetch,
+    turn,
+    unrecordable,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +38,8 @@ pytestmark = pytest.mark.slow
 async def consumers(own_nats: EmbeddedNats, database_url: str) -> AsyncIterator[Consumers]:
     """The recorder and the router, created stopped: a test stores its events first, so that
     each consumer's first fetch takes them all as one batch."""
-    database = await connect_database(database_url, min_size=1, max_size=4)
-    bus = await connect_bus(own_nats.client_url)
-    running = Consumers(database, bus, Metrics())
-    try:
+    async with consumers_on(own_nats.client_url, database_url, started=False) as running:
         yield running
-    finally:
-        await running.recorder.stop()
-        await running.router.stop()
-        await bus.close()
-        await database.close()
 
 
 def silence(workspace_id: str, call_id: str) -> dict[str, Any]:
