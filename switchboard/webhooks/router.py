@@ -22,28 +22,7 @@ DURABLE = "webhooks-router"
 async def route(conn: Connection, envelope: dict[str, Any]) -> int:
     """Delivery rows for every enabled endpoint whose filter takes this event; returns how many
     were new (a redelivered event finds its rows and adds none)."""
-    endpoints = await conn.fetch(
-        """SELECT id FROM webhook_endpoints
-           WHERE enabled AND (event_types IS NULL OR $1 = ANY (event_types))""",
-        envelope["event_type"],
-    )
-    body = orjson.dumps(envelope)
-    created = 0
-    for endpoint in endpoints:
-        inserted = await conn.fetchval(
-            """INSERT INTO webhook_deliveries
-                   (id, workspace_id, endpoint_id, event_id, event_type, body)
-               VALUES ($1, $2, $3, $4, $5, $6)
-               ON CONFLICT (endpoint_id, event_id) DO NOTHING RETURNING true""",
-            new_id("del"),
-            envelope["workspace_id"],
-            endpoint["id"],
-            envelope["event_id"],
-            envelope["event_type"],
-            body,
-        )
-        created += bool(inserted)
-    return created
+    return await route_batch(conn, [envelope])
 
 
 async def route_batch(conn: Connection, envelopes: list[dict[str, Any]]) -> int:
