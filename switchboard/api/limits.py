@@ -55,7 +55,7 @@ class WorkspaceLimits:
         # A stream's open is also a request: open_stream checks both and counts both, or
         # neither (a refusal changes no count).
         if stream:
-            verdict = self.limits.open_stream(workspace_id)
+            verdict = await self.limits.open_stream(workspace_id)
         else:
             verdict = self.limits.admit_request(workspace_id)
         if not verdict.allowed:

@@ -37,6 +37,7 @@ STREAM_RETRY_SECONDS = 5
 
 REQUESTS = "r"
 STREAMS = "s"
+HEARTBEAT = "h"  # a process says it is alive (its stream grants hold: limits/grants.py)
 
 # Which limit a verdict is about (also the label of the refusals' metric).
 MINUTE = "requests_per_minute"
@@ -115,6 +116,7 @@ class LimitBook:
     # (ws, replica) -> (window, count): each peer's latest request report, so that a report
     # spends only the requests it adds to the one before.
     _peer_latest: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    _heartbeats: dict[str, float] = field(default_factory=dict)  # replica -> its time
 
     def __post_init__(self) -> None:
         capacity = burst_capacity(self.rate_per_minute, self.burst_seconds)
@@ -127,12 +129,12 @@ class LimitBook:
     # --- decisions ------------------------------------------------------------------------
 
     def admit_request(self, workspace_id: str, now: float) -> Verdict:
-        verdict = self._request_verdict(workspace_id, now)
+        verdict = self.request_verdict(workspace_id, now)
         if verdict.allowed:
             self._count_request(workspace_id, now)
         return verdict
 
-    def _request_verdict(self, workspace_id: str, now: float) -> Verdict:
+    def request_verdict(self, workspace_id: str, now: float) -> Verdict:
         """Whether one more request fits both limits, and the headers if it is admitted;
         changes nothing."""
         limit = self.rate_per_minute
@@ -171,21 +173,25 @@ class LimitBook:
         own = self._own_requests.get(workspace_id)
         return own[1] if own is not None and own[0] == window else 0
 
-    def open_stream(self, workspace_id: str, now: float) -> Verdict:
+    def open_stream(self, workspace_id: str, now: float, *, slot_taken: bool = False) -> Verdict:
         """A stream's open is a request too: it needs room in both request limits and a stream
-        slot, and is counted in neither unless it gets all three."""
-        request = self._request_verdict(workspace_id, now)
+        slot, and is counted in neither unless it gets all three. `slot_taken`: the slot was
+        granted through the ledger (limits/slots.py); else the reports decide."""
+        request = self.request_verdict(workspace_id, now)
         if not request.allowed:
             return request
         mine = self._own_streams.get(workspace_id, 0)
         used = mine + self._peer_stream_count(workspace_id, now)
         limit = self.max_streams
-        if used >= limit:
-            return Verdict(False, limit, 0, STREAM_RETRY_SECONDS, OPEN_STREAMS)
+        if used >= limit and not slot_taken:
+            return self.streams_full()
         self._count_request(workspace_id, now)
         self._own_streams[workspace_id] = mine + 1
         self._unreported.add((STREAMS, workspace_id))
-        return Verdict(True, limit, limit - used - 1, STREAM_RETRY_SECONDS, OPEN_STREAMS)
+        return Verdict(True, limit, max(0, limit - used - 1), STREAM_RETRY_SECONDS, OPEN_STREAMS)
+
+    def streams_full(self) -> Verdict:
+        return Verdict(False, self.max_streams, 0, STREAM_RETRY_SECONDS, OPEN_STREAMS)
 
     def close_stream(self, workspace_id: str) -> None:
         left = self._own_streams.get(workspace_id, 0) - 1
@@ -224,6 +230,13 @@ class LimitBook:
         self._unreported.clear()
         return out
 
+    def heartbeat(self, now: float) -> tuple[str, bytes]:
+        return f"{HEARTBEAT}.{self.replica}", b"%.3f" % now
+
+    def alive(self, replica: str, at: float, now: float) -> bool:
+        """Whether a process still counts: it beat, or wrote at `at`, within STALE_AFTER."""
+        return max(at, self._heartbeats.get(replica, 0.0)) >= now - STALE_AFTER
+
     def refresh(self) -> None:
         """Marks every open-stream count for reporting again (they go stale unless repeated)."""
         self._unreported.update((STREAMS, ws) for ws in self._own_streams)
@@ -259,6 +272,9 @@ class LimitBook:
                 count_text, _, at_text = value.decode().partition(" ")
                 peers = self._peer_streams.setdefault(workspace_id, {})
                 peers[replica] = _PeerStreams(int(count_text), float(at_text))
+            elif parts[0] == HEARTBEAT and len(parts) == 2 and parts[1] != self.replica:
+                at = float(value)
+                self._heartbeats[parts[1]] = max(at, self._heartbeats.get(parts[1], 0.0))
         except (ValueError, UnicodeDecodeError):
             return
 
@@ -291,6 +307,8 @@ class LimitBook:
             del self._peer_latest[peer]
         self._allowance.prune(now)
         fresh = now - STALE_AFTER
+        for replica in [r for r, at in self._heartbeats.items() if at < fresh]:
+            del self._heartbeats[replica]
         for workspace_id, peers in list(self._peer_streams.items()):
             for replica in [r for r, p in peers.items() if p.reported_at < fresh or not p.count]:
                 del peers[replica]

@@ -9,11 +9,17 @@ on the bus in the request path: a decision uses the counts already heard, and a 
 is reported within `REPORT_PACE` seconds. So each limit can be passed by what the *other*
 processes admit in one report interval plus one bus hop (about 6 ms on one machine): at most
 `(processes - 1) x (their admission rate for that workspace) x ~6 ms`, a few requests, and the
-same for concurrent stream opens. For the minute that is the whole overshoot. The burst
-allowance takes it back: requests heard of late are a debt on the bucket, so over any stretch
-the workspace is admitted at most its burst, plus the average rate times the stretch, plus
-those few in flight. With the bus down each process keeps counting alone (each admits the
-whole quota) and reports when it is back."""
+For the minute that is the whole overshoot. The burst allowance takes it back: requests heard
+of late are a debt on the bucket, so over any stretch the workspace is admitted at most its
+burst, plus the average rate times the stretch, plus those few in flight.
+
+Open streams are bounded exactly instead: each takes a slot granted through the workspace's
+ledger (`slots.py`), so concurrent opens on every process never pass the limit, however late
+reports are heard. Every process beats (`h.<replica>`) every REFRESH_SECONDS, which is how the
+others tell a live process's grants from a dead one's.
+
+With the bus down each process keeps counting alone (each admits the whole quota, and streams
+are decided from the last reports heard) and reports when it is back."""
 
 from __future__ import annotations
 
@@ -29,13 +35,18 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
 
 from switchboard.bus import Bus
 from switchboard.limits.book import REFRESH_SECONDS, WINDOW_SECONDS, LimitBook, Verdict
+from switchboard.limits.slots import TRUST_SECONDS, LedgerUnavailable, StreamSlots
 
 log = logging.getLogger(__name__)
 
 BUCKET = "switchboard_limits"
+# The stream ledgers: one entry per workspace, kept until rewritten (no TTL: a ledger lives as
+# long as its streams, and an expired one would forget live grants).
+GRANTS_BUCKET = "switchboard_stream_grants"
 SUBJECT_PREFIX = f"$KV.{BUCKET}."
 # Two windows' worth: an entry is of no use once its window is over.
 ENTRY_TTL = 2.0 * WINDOW_SECONDS + 10
@@ -59,6 +70,14 @@ class SharedLimits:
         self._changed = asyncio.Event()
         self._subscription: Subscription | None = None
         self._reporter: asyncio.Task[None] | None = None
+        self._slots: StreamSlots | None = None  # set by start
+        self._beaten = -TRUST_SECONDS  # wall clock of this process's last heartbeat sent
+
+    @property
+    def slots(self) -> StreamSlots:
+        if self._slots is None:
+            raise RuntimeError("SharedLimits.start was not awaited")
+        return self._slots
 
     # --- the request path: synchronous, no await ------------------------------------------
 
@@ -68,20 +87,37 @@ class SharedLimits:
             self._changed.set()
         return verdict
 
-    def open_stream(self, workspace_id: str) -> Verdict:
-        verdict = self.book.open_stream(workspace_id, self.clock())
-        if verdict.allowed:
-            self._changed.set()
+    async def open_stream(self, workspace_id: str) -> Verdict:
+        """Needs room in both request limits and a stream slot; waits on the bus only when this
+        process holds no free slot for the workspace."""
+        request = self.book.request_verdict(workspace_id, self.clock())
+        if not request.allowed:
+            return request
+        try:
+            taken = await self.slots.take(workspace_id)
+        except LedgerUnavailable as failure:
+            log.debug("stream ledger unavailable (%s): the reports decide", failure)
+            verdict = self.book.open_stream(workspace_id, self.clock())
+            if verdict.allowed:
+                self.slots.count_untaken(workspace_id)
+                self._changed.set()
+            return verdict
+        if not taken:
+            return self.book.streams_full()
+        verdict = self.book.open_stream(workspace_id, self.clock(), slot_taken=True)
+        if not verdict.allowed:  # the request limits filled while the ledger was written
+            self.slots.give_back(workspace_id)
+        self._changed.set()
         return verdict
 
     def close_stream(self, workspace_id: str) -> None:
         self.book.close_stream(workspace_id)
+        self.slots.give_back(workspace_id)
         self._changed.set()
 
     # --- the shell --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        js = self.bus.js
         config = KeyValueConfig(
             bucket=BUCKET,
             history=1,
@@ -89,11 +125,23 @@ class SharedLimits:
             storage=StorageType.FILE,
             replicas=self.bus.replicas,
         )
-        try:
-            kv = await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            # Replicas starting together may race to create it: the same config is accepted.
-            kv = await js.create_key_value(config)
+        kv = await self._bucket(config)
+        grants = await self._bucket(
+            KeyValueConfig(
+                bucket=GRANTS_BUCKET,
+                history=1,
+                storage=StorageType.FILE,
+                replicas=self.bus.replicas,
+            )
+        )
+        self._slots = StreamSlots(
+            grants,
+            replica=self.book.replica,
+            limit=self.book.max_streams,
+            clock=self.clock,
+            alive=lambda replica, at: self.book.alive(replica, at, self.clock()),
+            trusted=lambda: self.clock() - self._beaten < TRUST_SECONDS,
+        )
         # Subscribe first, then load: a report written in between is heard twice, never missed.
         self._subscription = await self.bus.client.subscribe(SUBJECT_PREFIX + ">", cb=self._heard)
         try:
@@ -106,7 +154,26 @@ class SharedLimits:
                 entry = await asyncio.wait_for(kv.get(key), LOAD_TIMEOUT)
                 if entry.value is not None:
                     self.book.apply(key, entry.value, now, loaded=True)
+        await self._beat(now)
         self._reporter = asyncio.create_task(self._report_forever())
+
+    async def _bucket(self, config: KeyValueConfig) -> KeyValue:
+        js = self.bus.js
+        assert config.bucket is not None
+        try:
+            return await js.key_value(config.bucket)
+        except BucketNotFoundError:
+            # Replicas starting together may race to create it: the same config is accepted.
+            return await js.create_key_value(config)
+
+    async def _beat(self, now: float) -> None:
+        key, value = self.book.heartbeat(now)
+        try:
+            await self.bus.client.publish(SUBJECT_PREFIX + key, value)
+        except NatsError as failure:
+            log.debug("heartbeat not sent: %s", type(failure).__name__)
+            return
+        self._beaten = now
 
     async def _heard(self, msg: Msg) -> None:
         self.book.apply(msg.subject.removeprefix(SUBJECT_PREFIX), msg.data, self.clock())
@@ -121,8 +188,10 @@ class SharedLimits:
             if now >= next_refresh:
                 self.book.refresh()
                 self.book.prune(now)
+                await self._beat(now)
                 next_refresh = now + REFRESH_SECONDS
             await self._publish(now)
+            await self.slots.trim()
             # Pacing, not synchronisation: changes in this interval go out in the next report.
             await asyncio.sleep(REPORT_PACE)
 
@@ -142,6 +211,8 @@ class SharedLimits:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reporter
         self.book.forget_streams()
+        if self._slots is not None:
+            await self._slots.release_all()
         with contextlib.suppress(NatsError, asyncio.TimeoutError):
             await self._publish(self.clock())
             await self.bus.client.flush(timeout=2)

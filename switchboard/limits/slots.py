@@ -1,0 +1,247 @@
+"""The shell around the grant rules (`grants.py`): each workspace's ledger in a key-value
+bucket, written only by compare-and-set, and this process's open streams counted against what
+it holds.
+
+An open takes a slot this process already holds without waiting; only when it holds none free
+does it write the ledger, and the opens that wait meanwhile are covered by that one write. A
+write that loses a race re-reads the ledger and tries again; a refusal is decided only on a
+ledger just read. When the ledger cannot be written (the bus is down or too slow), `take`
+says so and the caller decides from the reports alone, as every process did before grants
+(see `SharedLimits`): a bus outage must not stop streams, and the bound then is the reports'.
+
+This process's grant is trusted only while its own heartbeat, or its last write of that grant,
+is recent: a process that could do neither for `TRUST_SECONDS` may have been taken for dead and
+its grants dropped, so it takes its next slot through the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from switchboard.limits.grants import Ledger, encode, parse, plan, surplus
+
+log = logging.getLogger(__name__)
+
+# Compare-and-set attempts before an open gives up on the ledger (then the reports decide).
+ATTEMPTS = 8
+# Seconds one ledger read or write may take before the reports decide instead.
+LEDGER_TIMEOUT = 2.0
+# Seconds a write of this process's own grant keeps it alive in the others' eyes, with room to
+# spare (they drop a grant after book.STALE_AFTER without a sign of life).
+TRUST_SECONDS = 15.0
+# After the ledger failed to answer, opens go straight to the reports for this long, so that a
+# bus outage costs each open nothing rather than a timeout each.
+OUTAGE_SECONDS = 5.0
+# An open is refused without a read of its own when a read begun at most this long before it
+# arrived found no room: a flood of opens over the limit costs the bus a read per 10 ms, not
+# one per open, and a refusal is never decided on a ledger older than that.
+FULL_GRACE = 0.01
+
+
+class LedgerUnavailable(Exception):
+    """The ledger could not be read or written in time."""
+
+
+class StreamSlots:
+    def __init__(
+        self,
+        kv: KeyValue,
+        *,
+        replica: str,
+        limit: int,
+        clock: Callable[[], float],
+        alive: Callable[[str, float], bool],
+        trusted: Callable[[], bool],
+    ) -> None:
+        self.kv = kv
+        self.replica = replica
+        self.limit = limit
+        self.clock = clock
+        self.alive = alive  # whether another replica still beats (wall clock of its last write)
+        self.trusted = trusted  # whether this process's own heartbeat is recent
+        self.used: dict[str, int] = {}  # this process's open streams
+        self.held: dict[str, int] = {}  # the slots its grants give it
+        self._waiting: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        # The ledger as last read or written, with its revision (0: none stored yet).
+        self._known: dict[str, tuple[Ledger, int]] = {}
+        self._to_trim: set[str] = set()
+        self._written: dict[str, float] = {}  # wall clock of this process's last write
+        self._failed_at = -OUTAGE_SECONDS  # wall clock of the ledger's last failure
+        # Wall clock at which the last read that found a workspace's slots all held began.
+        self._full: dict[str, float] = {}
+
+    async def take(self, workspace_id: str) -> bool:
+        """Takes a slot for one more stream: True when it is this process's, False when every
+        slot is held (the workspace is at its limit). Raises LedgerUnavailable when the ledger
+        cannot say."""
+        if self._free(workspace_id):
+            self._count(workspace_id)
+            return True
+        arrived = self.clock()
+        if self._found_full(workspace_id, arrived):
+            return False
+        self._waiting[workspace_id] = self._waiting.get(workspace_id, 0) + 1
+        try:
+            async with self._lock(workspace_id):
+                if not self._free(workspace_id):
+                    if self._found_full(workspace_id, arrived):
+                        return False  # a read begun since this open arrived found no room
+                    if self.clock() - self._failed_at < OUTAGE_SECONDS:
+                        raise LedgerUnavailable("it failed to answer moments ago")
+                    need = self.used.get(workspace_id, 0) + self._waiting[workspace_id]
+                    await self._settle(workspace_id, need, growing=True)
+                if not self._free(workspace_id):
+                    return False
+                self._count(workspace_id)
+                return True
+        finally:
+            left = self._waiting[workspace_id] - 1
+            if left:
+                self._waiting[workspace_id] = left
+            else:
+                del self._waiting[workspace_id]
+                self._forget_if_idle(workspace_id)
+
+    def count_untaken(self, workspace_id: str) -> None:
+        """A stream admitted without a slot (the ledger was unavailable): counted, so that the
+        next write covers it."""
+        self._count(workspace_id)
+
+    def _count(self, workspace_id: str) -> None:
+        self.used[workspace_id] = self.used.get(workspace_id, 0) + 1
+
+    def give_back(self, workspace_id: str) -> None:
+        """A stream ended; what it held is returned by the next `trim` if not needed."""
+        left = self.used.get(workspace_id, 0) - 1
+        if left > 0:
+            self.used[workspace_id] = left
+        else:
+            self.used.pop(workspace_id, None)
+        self._to_trim.add(workspace_id)
+
+    async def trim(self) -> None:
+        """Gives back what this process holds beyond its streams and the slack it may keep."""
+        now = self.clock()
+        self._full = {w: at for w, at in self._full.items() if self._found_full(w, now)}
+        while self._to_trim:
+            workspace_id = self._to_trim.pop()
+            with contextlib.suppress(LedgerUnavailable):
+                async with self._lock(workspace_id):
+                    await self._settle(workspace_id, self.used.get(workspace_id, 0))
+            self._forget_if_idle(workspace_id)
+
+    def _forget_if_idle(self, workspace_id: str) -> None:
+        """A workspace this process holds nothing for costs it nothing."""
+        busy = workspace_id in self.used or workspace_id in self.held
+        lock = self._locks.get(workspace_id)
+        if not busy and workspace_id not in self._waiting and not (lock and lock.locked()):
+            self._locks.pop(workspace_id, None)
+            self._known.pop(workspace_id, None)
+            self._written.pop(workspace_id, None)
+            # A recent "no room" stays: it is what spares the bus a read per refused open.
+            if not self._found_full(workspace_id, self.clock()):
+                self._full.pop(workspace_id, None)
+
+    async def release_all(self) -> None:
+        """At shutdown (after the drain): this process holds nothing any more."""
+        self.used.clear()
+        for workspace_id in list(self.held):
+            with contextlib.suppress(LedgerUnavailable):
+                async with self._lock(workspace_id):
+                    await self._settle(workspace_id, 0)
+
+    def _found_full(self, workspace_id: str, arrived: float) -> bool:
+        return self._full.get(workspace_id, -FULL_GRACE) >= arrived - FULL_GRACE
+
+    def _free(self, workspace_id: str) -> bool:
+        held = self.held.get(workspace_id, 0)
+        return self.used.get(workspace_id, 0) < held and self._trusted(workspace_id)
+
+    def _trusted(self, workspace_id: str) -> bool:
+        """Whether the others still count this process's grant (it beat, or wrote it, lately)."""
+        written = self._written.get(workspace_id)
+        recent = written is not None and self.clock() - written < TRUST_SECONDS
+        return recent or self.trusted()
+
+    def _lock(self, workspace_id: str) -> asyncio.Lock:
+        lock = self._locks.get(workspace_id)
+        if lock is None:
+            lock = self._locks[workspace_id] = asyncio.Lock()
+        return lock
+
+    async def _settle(self, workspace_id: str, need: int, *, growing: bool = False) -> None:
+        """Writes this process's grant for `need` streams (a grow, or a trim when `growing` is
+        False and it holds more than it may keep). Holds the workspace's lock."""
+        fresh = False
+        read_at = 0.0
+        for _attempt in range(ATTEMPTS):
+            if workspace_id not in self._known:
+                read_at = self.clock()
+                self._known[workspace_id] = await self._read(workspace_id)
+                fresh = True
+            ledger, revision = self._known[workspace_id]
+            now = self.clock()
+            target = plan(ledger, self.replica, need, self.limit, now, self.alive)
+            held = self.held.get(workspace_id, 0)
+            trusted = self._trusted(workspace_id)  # if not, write even an unchanged grant
+            if growing and target.slots <= held and trusted:
+                if not fresh:
+                    # What was known says there is no room; others may have given some back.
+                    del self._known[workspace_id]
+                    continue
+                self._full[workspace_id] = read_at
+                return  # no room, on a ledger just read
+            if not growing and not surplus(held, target) and trusted:
+                return
+            if target.slots < held:
+                # Giving back is safe at once; taking waits for the write.
+                self.held[workspace_id] = target.slots
+            try:
+                revision = await self._write(workspace_id, target.ledger, revision)
+            except KeyWrongLastSequenceError:
+                del self._known[workspace_id]  # another process wrote first: read it again
+                continue
+            self._known[workspace_id] = (target.ledger, revision)
+            self._full.pop(workspace_id, None)
+            self._written[workspace_id] = now
+            self.held[workspace_id] = target.slots
+            if not target.slots:
+                self.held.pop(workspace_id, None)
+                self._written.pop(workspace_id, None)
+            return
+        raise LedgerUnavailable(f"the ledger of {workspace_id} changed {ATTEMPTS} times")
+
+    async def _read(self, workspace_id: str) -> tuple[Ledger, int]:
+        try:
+            entry = await asyncio.wait_for(self.kv.get(workspace_id), LEDGER_TIMEOUT)
+        except KeyNotFoundError as missing:
+            # Deleted or never written; a delete marker's revision is what the next write
+            # must name.
+            marker = getattr(missing, "entry", None)
+            return {}, getattr(marker, "revision", 0) or 0
+        except (TimeoutError, NatsError) as failure:
+            self._failed_at = self.clock()
+            raise LedgerUnavailable(type(failure).__name__) from failure
+        return parse(entry.value), entry.revision or 0
+
+    async def _write(self, workspace_id: str, ledger: Ledger, revision: int) -> int:
+        value = encode(ledger)
+        try:
+            if revision:
+                write = self.kv.update(workspace_id, value, last=revision)
+            else:
+                write = self.kv.create(workspace_id, value)
+            return await asyncio.wait_for(write, LEDGER_TIMEOUT)
+        except KeyWrongLastSequenceError:
+            raise
+        except (TimeoutError, NatsError) as failure:
+            self._known.pop(workspace_id, None)  # the write may or may not have landed
+            self._failed_at = self.clock()
+            raise LedgerUnavailable(type(failure).__name__) from failure

@@ -1,0 +1,216 @@
+"""The open-stream limit as grants (switchboard/limits/grants.py, slots.py): the rules as a pure
+core, then two processes' limits on a real NATS, where concurrent opens never pass the limit
+however late the reports are heard, a freed slot can be taken by the other process, a dead
+process's grants are dropped, and a bus that does not answer leaves the reports to decide."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from nats.js.kv import KeyValue
+
+from switchboard.bus import Bus, connect_bus
+from switchboard.embedded import EmbeddedNats
+from switchboard.limits.book import STALE_AFTER
+from switchboard.limits.grants import MAX_SLACK, Grant, encode, parse, plan, surplus
+from switchboard.limits.shared import SharedLimits
+from tests.harness import eventually
+
+NOW = 1_700_000_000.0
+
+
+def everyone_alive(_replica: str, _at: float) -> bool:
+    return True
+
+
+# --- the rules -------------------------------------------------------------------------------
+
+
+def test_a_grant_takes_what_is_needed_and_a_share_of_the_rest_as_slack() -> None:
+    first = plan({}, "a", 3, 1000, NOW, everyone_alive)
+    assert first.slots == 3 + MAX_SLACK and first.slack == MAX_SLACK
+    # Near the limit the slack shrinks to nothing: 10 free, two processes, a quarter each.
+    second = plan({"a": Grant(990, NOW)}, "b", 0, 1000, NOW, everyone_alive)
+    assert (second.slots, second.slack) == (1, 1)
+    third = plan({"a": Grant(995, NOW)}, "b", 2, 1000, NOW, everyone_alive)
+    assert (third.slots, third.slack) == (2, 0)
+
+
+def test_grants_never_sum_past_the_limit_whoever_asks_and_in_any_order() -> None:
+    ledger: dict[str, Grant] = {}
+    limit = 50
+    asks = [("a", 7), ("b", 30), ("c", 20), ("a", 40), ("b", 45), ("c", 1), ("a", 0), ("c", 50)]
+    for replica, need in asks:
+        ledger = plan(ledger, replica, need, limit, NOW, everyone_alive).ledger
+        assert sum(g.slots for g in ledger.values()) <= limit
+    # What A no longer needed went back (it keeps a slot of slack at most), and C, asking for
+    # everything, took all that was left.
+    assert ledger["a"].slots <= 1
+    assert ledger["c"].slots == limit - ledger["b"].slots - ledger["a"].slots
+
+
+def test_the_grants_of_a_process_that_stopped_beating_are_dropped() -> None:
+    ledger = {"dead": Grant(40, NOW - STALE_AFTER - 1), "live": Grant(5, NOW - STALE_AFTER - 1)}
+
+    def alive(replica: str, at: float) -> bool:
+        return replica == "live" or at >= NOW - STALE_AFTER
+
+    planned = plan(ledger, "me", 45, 50, NOW, alive)
+    assert set(planned.ledger) == {"live", "me"} and planned.slots == 45
+
+
+def test_a_surplus_is_given_back_far_from_the_limit_only_when_it_is_large() -> None:
+    kept = plan({}, "a", 10, 1000, NOW, everyone_alive)  # 10 streams and 16 of slack
+    assert not surplus(10 + MAX_SLACK + 1, kept)
+    assert surplus(10 + 2 * MAX_SLACK + 1, kept)
+    # Near the limit any surplus goes back: another process may be waiting for it.
+    tight = plan({"b": Grant(985, NOW)}, "a", 10, 1000, NOW, everyone_alive)
+    assert tight.slack == 0 and surplus(11, tight) and not surplus(10, tight)
+
+
+def test_a_malformed_ledger_reads_as_empty_and_a_ledger_reads_back_as_written() -> None:
+    for bad in (b"", b"not json", b"[1, 2]", b'{"a": "x"}', b'{"a": [1]}'):
+        assert parse(bad) == {}
+    ledger = {"a": Grant(3, NOW), "b": Grant(7, NOW + 1.5)}
+    assert parse(encode(ledger)) == ledger
+
+
+# --- two processes on a real NATS ------------------------------------------------------------
+
+LIMIT = 10
+
+
+class Clock:
+    """Wall clock, plus a jump a test can make (to age another process's heartbeat)."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead
+
+
+@contextlib.asynccontextmanager
+async def process_limits(
+    nats_url: str, clock: Callable[[], float] = time.time, *, release: bool = True
+) -> AsyncIterator[tuple[SharedLimits, Bus]]:
+    bus = await connect_bus(nats_url)
+    limits = SharedLimits(
+        bus, rate_per_minute=1_000_000, max_streams=LIMIT, burst_seconds=60.0, clock=clock
+    )
+    await limits.start()
+    try:
+        yield limits, bus
+    finally:
+        if release:
+            await limits.stop()
+        await bus.close()
+
+
+async def open_many(limits: SharedLimits, count: int, workspace_id: str = "ws_a") -> int:
+    verdicts = await asyncio.gather(*(limits.open_stream(workspace_id) for _ in range(count)))
+    return sum(1 for v in verdicts if v.allowed)
+
+
+async def test_concurrent_opens_on_two_processes_never_pass_the_limit(
+    own_nats: EmbeddedNats,
+) -> None:
+    async with (
+        process_limits(own_nats.client_url) as (a, _),
+        process_limits(own_nats.client_url) as (b, _),
+    ):
+        # Both at once, before either has heard a report from the other.
+        admitted = await asyncio.gather(open_many(a, 30), open_many(b, 30))
+        assert sum(admitted) == LIMIT
+        refused = await a.open_stream("ws_a")
+        assert not refused.allowed and refused.kind == "open_streams"
+        assert refused.headers()["X-RateLimit-Limit"] == str(LIMIT)
+        # Another workspace has its own slots.
+        assert await open_many(b, LIMIT + 1, "ws_b") == LIMIT
+
+
+async def test_a_closed_stream_frees_its_slot_for_the_other_process(
+    own_nats: EmbeddedNats,
+) -> None:
+    async with (
+        process_limits(own_nats.client_url) as (a, _),
+        process_limits(own_nats.client_url) as (b, _),
+    ):
+        assert await open_many(a, LIMIT) == LIMIT
+        assert await open_many(b, 1) == 0
+        for _ in range(3):
+            a.close_stream("ws_a")
+
+        async def b_opened() -> bool:
+            return (await b.open_stream("ws_a")).allowed
+
+        # A gives the slots back in the background, within a report's pace and a write.
+        for _ in range(3):
+            assert await eventually(b_opened, within=5)
+        assert await open_many(b, 5) == 0
+        assert await open_many(a, 5) == 0
+
+
+async def test_a_dead_process_grants_are_dropped_once_it_stops_beating(
+    own_nats: EmbeddedNats,
+) -> None:
+    clock = Clock()
+    async with process_limits(own_nats.client_url, clock) as (b, _):
+        async with process_limits(own_nats.client_url, release=False) as (a, _):
+            assert await open_many(a, LIMIT) == LIMIT
+            assert a._reporter is not None
+            a._reporter.cancel()  # it dies: no release, no more heartbeats
+        assert await open_many(b, 1) == 0
+        clock.ahead = STALE_AFTER + 1  # as seen by B, A's last sign of life is now stale
+        assert await open_many(b, LIMIT + 5) == LIMIT
+
+
+async def test_with_the_bus_down_the_reports_decide_and_nothing_hangs(
+    own_nats: EmbeddedNats,
+) -> None:
+    async with process_limits(own_nats.client_url) as (a, _):
+        assert await open_many(a, 2) == 2
+        own_nats.stop()
+        started = time.monotonic()
+        # No ledger to write: this process counts alone, from what it has (its own 2).
+        assert await open_many(a, LIMIT) == LIMIT - 2
+        assert time.monotonic() - started < 10
+        own_nats.start()
+
+
+@pytest.mark.parametrize("closes", [1, LIMIT])
+async def test_a_process_holds_no_more_than_its_streams_and_slack(
+    own_nats: EmbeddedNats, closes: int
+) -> None:
+    async with process_limits(own_nats.client_url) as (a, _):
+        assert await open_many(a, LIMIT) == LIMIT
+        for _ in range(closes):
+            a.close_stream("ws_a")
+        await eventually(lambda: a.slots.held.get("ws_a", 0) <= LIMIT - closes + MAX_SLACK)
+        assert a.slots.used.get("ws_a", 0) == LIMIT - closes
+
+
+async def test_a_flood_of_opens_over_the_limit_does_not_read_the_ledger_for_each(
+    own_nats: EmbeddedNats,
+) -> None:
+    async with (
+        process_limits(own_nats.client_url) as (a, _),
+        process_limits(own_nats.client_url) as (b, _),
+    ):
+        assert await open_many(a, LIMIT) == LIMIT
+        reads = 0
+        real_get = b.slots.kv.get
+
+        async def counted_get(key: str) -> KeyValue.Entry:
+            nonlocal reads
+            reads += 1
+            return await real_get(key)
+
+        b.slots.kv.get = counted_get  # type: ignore[method-assign,assignment]
+        assert await open_many(b, 500) == 0
+        # One read found no room for every open that came before it began; the few after.
+        assert 1 <= reads <= 5
