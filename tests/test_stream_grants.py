@@ -16,7 +16,7 @@ from nats.js.kv import KeyValue
 from switchboard.bus import Bus, connect_bus
 from switchboard.embedded import EmbeddedNats
 from switchboard.limits.book import STALE_AFTER
-from switchboard.limits.grants import MAX_SLACK, Grant, encode, parse, plan, surplus
+from switchboard.limits.grants import Grant, encode, parse, plan
 from switchboard.limits.shared import SharedLimits
 from tests.harness import eventually
 
@@ -30,14 +30,12 @@ def everyone_alive(_replica: str, _at: float) -> bool:
 # --- the rules -------------------------------------------------------------------------------
 
 
-def test_a_grant_takes_what_is_needed_and_a_share_of_the_rest_as_slack() -> None:
-    first = plan({}, "a", 3, 1000, NOW, everyone_alive)
-    assert first.slots == 3 + MAX_SLACK and first.slack == MAX_SLACK
-    # Near the limit the slack shrinks to nothing: 10 free, two processes, a quarter each.
-    second = plan({"a": Grant(990, NOW)}, "b", 0, 1000, NOW, everyone_alive)
-    assert (second.slots, second.slack) == (1, 1)
-    third = plan({"a": Grant(995, NOW)}, "b", 2, 1000, NOW, everyone_alive)
-    assert (third.slots, third.slack) == (2, 0)
+def test_a_grant_takes_what_is_needed_as_far_as_the_limit_and_nothing_spare() -> None:
+    assert plan({}, "a", 3, 1000, NOW, everyone_alive).slots == 3
+    near = plan({"a": Grant(995, NOW)}, "b", 8, 1000, NOW, everyone_alive)
+    assert near.slots == 5 and near.ledger == {"a": Grant(995, NOW), "b": Grant(5, NOW)}
+    # Needing nothing, a process leaves the ledger.
+    assert "b" not in plan(near.ledger, "b", 0, 1000, NOW, everyone_alive).ledger
 
 
 def test_grants_never_sum_past_the_limit_whoever_asks_and_in_any_order() -> None:
@@ -47,10 +45,9 @@ def test_grants_never_sum_past_the_limit_whoever_asks_and_in_any_order() -> None
     for replica, need in asks:
         ledger = plan(ledger, replica, need, limit, NOW, everyone_alive).ledger
         assert sum(g.slots for g in ledger.values()) <= limit
-    # What A no longer needed went back (it keeps a slot of slack at most), and C, asking for
-    # everything, took all that was left.
-    assert ledger["a"].slots <= 1
-    assert ledger["c"].slots == limit - ledger["b"].slots - ledger["a"].slots
+    # What A no longer needed went back, and C, asking for everything, took all that was left.
+    assert "a" not in ledger
+    assert ledger["c"].slots == limit - ledger["b"].slots
 
 
 def test_the_grants_of_a_process_that_stopped_beating_are_dropped() -> None:
@@ -61,15 +58,6 @@ def test_the_grants_of_a_process_that_stopped_beating_are_dropped() -> None:
 
     planned = plan(ledger, "me", 45, 50, NOW, alive)
     assert set(planned.ledger) == {"live", "me"} and planned.slots == 45
-
-
-def test_a_surplus_is_given_back_far_from_the_limit_only_when_it_is_large() -> None:
-    kept = plan({}, "a", 10, 1000, NOW, everyone_alive)  # 10 streams and 16 of slack
-    assert not surplus(10 + MAX_SLACK + 1, kept)
-    assert surplus(10 + 2 * MAX_SLACK + 1, kept)
-    # Near the limit any surplus goes back: another process may be waiting for it.
-    tight = plan({"b": Grant(985, NOW)}, "a", 10, 1000, NOW, everyone_alive)
-    assert tight.slack == 0 and surplus(11, tight) and not surplus(10, tight)
 
 
 def test_a_malformed_ledger_reads_as_empty_and_a_ledger_reads_back_as_written() -> None:
@@ -96,11 +84,15 @@ class Clock:
 
 @contextlib.asynccontextmanager
 async def process_limits(
-    nats_url: str, clock: Callable[[], float] = time.time, *, release: bool = True
+    nats_url: str,
+    clock: Callable[[], float] = time.time,
+    *,
+    release: bool = True,
+    limit: int = LIMIT,
 ) -> AsyncIterator[tuple[SharedLimits, Bus]]:
     bus = await connect_bus(nats_url)
     limits = SharedLimits(
-        bus, rate_per_minute=1_000_000, max_streams=LIMIT, burst_seconds=60.0, clock=clock
+        bus, rate_per_minute=1_000_000, max_streams=limit, burst_seconds=60.0, clock=clock
     )
     await limits.start()
     try:
@@ -183,15 +175,28 @@ async def test_with_the_bus_down_the_reports_decide_and_nothing_hangs(
 
 
 @pytest.mark.parametrize("closes", [1, LIMIT])
-async def test_a_process_holds_no_more_than_its_streams_and_slack(
+async def test_a_process_gives_back_what_its_closed_streams_held(
     own_nats: EmbeddedNats, closes: int
 ) -> None:
     async with process_limits(own_nats.client_url) as (a, _):
         assert await open_many(a, LIMIT) == LIMIT
         for _ in range(closes):
             a.close_stream("ws_a")
-        await eventually(lambda: a.slots.held.get("ws_a", 0) <= LIMIT - closes + MAX_SLACK)
+        await eventually(lambda: a.slots.held.get("ws_a", 0) == LIMIT - closes)
         assert a.slots.used.get("ws_a", 0) == LIMIT - closes
+
+
+async def test_a_storm_on_two_processes_opens_exactly_the_limit_not_fewer(
+    own_nats: EmbeddedNats,
+) -> None:
+    """No slot is left idle with one process while the other refuses: a limit of 200 and 300
+    opens at once on each process leave exactly 200 open."""
+    async with (
+        process_limits(own_nats.client_url, limit=200) as (a, _),
+        process_limits(own_nats.client_url, limit=200) as (b, _),
+    ):
+        admitted = await asyncio.gather(open_many(a, 300), open_many(b, 300))
+        assert sum(admitted) == 200
 
 
 async def test_a_flood_of_opens_over_the_limit_does_not_read_the_ledger_for_each(

@@ -7,12 +7,14 @@ the workspace's slots it holds; a process admits a stream only into a slot it ho
 its grant only by compare-and-set on the whole ledger. So the grants of all live processes never
 sum past the limit, however late anything is heard, and neither do their open streams.
 
-A grow asks for what the process needs (its open streams and the opens waiting) plus a little
-slack, a share of what is still free, so that the next opens need no round trip; near the
-limit the slack is nothing and every open is a compare-and-set. A process gives back what it
-holds beyond its streams and the slack it may keep, so that a freed slot can be taken by
-another process. Grants of a process that has stopped beating (`STALE_AFTER` without a
-heartbeat or a write of its own) are dropped by the next writer: its streams are gone with it."""
+A process holds what its streams need and nothing more: a grow asks for its open streams and
+the opens waiting (one write covers every open that waits on it), and a process gives back
+what a closed stream held. Spare slots held "for the next open" were tried and dropped: a
+process whose spare slots were not needed kept them from another process that was at the
+limit, so fewer streams than the limit could be open (984 of 1,000 in a storm on two
+processes), until a stream closed. Grants of a process that has stopped beating
+(`STALE_AFTER` without a heartbeat or a write of its own) are dropped by the next writer: its
+streams are gone with it."""
 
 from __future__ import annotations
 
@@ -20,11 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
-
-# Slack is at most this many slots, and at most 1/(SHARE x processes) of what is free, so the
-# processes' slack together never takes more than a fraction of the room that is left.
-MAX_SLACK = 16
-SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,6 @@ def encode(ledger: Ledger) -> bytes:
 class Plan:
     ledger: Ledger  # what to write
     slots: int  # this process's grant in it
-    slack: int  # of which slack (beyond `need`)
 
 
 def plan(
@@ -71,24 +67,13 @@ def plan(
     now: float,
     alive: Callable[[str, float], bool],
 ) -> Plan:
-    """The ledger once this process holds what it needs (as much of `need` as fits) plus its
-    slack. Grants of processes that are not alive are dropped; `alive(replica, at)` is given
-    the time of the replica's own last write."""
+    """The ledger once this process holds what it needs, as much of `need` as fits. Grants of
+    processes that are not alive are dropped; `alive(replica, at)` is given the time of the
+    replica's own last write."""
     others = {r: g for r, g in ledger.items() if r != me and g.slots > 0 and alive(r, g.at)}
     room = max(0, limit - sum(g.slots for g in others.values()))
-    needed = min(max(0, need), room)
-    slack = min(MAX_SLACK, (room - needed) // (SHARE * (len(others) + 1)))
-    slots = needed + slack
+    slots = min(max(0, need), room)
     new = dict(others)
     if slots:
         new[me] = Grant(slots, now)
-    return Plan(new, slots, slack)
-
-
-def surplus(held: int, trimmed: Plan) -> bool:
-    """Whether a process holding `held` slots should give some back, `trimmed` being its plan
-    for the streams it has now: when it holds more than twice the slack it may keep (so that
-    one close far from the limit writes nothing), or any surplus at all once no slack is left
-    (near the limit, a freed slot must be free for every process)."""
-    extra = held - trimmed.slots
-    return extra > 0 and (trimmed.slack == 0 or extra > trimmed.slack)
+    return Plan(new, slots)

@@ -4,11 +4,11 @@ JetStream key-value bucket and hears everyone's reports as they are written.
 Reports are plain core publishes on the bucket's subjects (`$KV.<bucket>.<key>`): the bucket's
 stream keeps the latest per key (so a process that starts mid-window loads what the others
 admitted so far, and a restarted process's earlier admissions keep counting under its old
-name), and every process's subscription on the same subjects hears them at once. Nothing waits
-on the bus in the request path: a decision uses the counts already heard, and a changed count
-is reported within `REPORT_PACE` seconds. So each limit can be passed by what the *other*
+name), and every process's subscription on the same subjects hears them at once. A request
+waits on nothing: its decision uses the counts already heard, and a changed count is reported
+within `REPORT_PACE` seconds. So the request limits can be passed by what the *other*
 processes admit in one report interval plus one bus hop (about 6 ms on one machine): at most
-`(processes - 1) x (their admission rate for that workspace) x ~6 ms`, a few requests, and the
+`(processes - 1) x (their admission rate for that workspace) x ~6 ms`, a few requests.
 For the minute that is the whole overshoot. The burst allowance takes it back: requests heard
 of late are a debt on the bucket, so over any stretch the workspace is admitted at most its
 burst, plus the average rate times the stretch, plus those few in flight.
@@ -79,7 +79,7 @@ class SharedLimits:
             raise RuntimeError("SharedLimits.start was not awaited")
         return self._slots
 
-    # --- the request path: synchronous, no await ------------------------------------------
+    # --- the request path: no await, but for a stream this process holds no slot for ------
 
     def admit_request(self, workspace_id: str) -> Verdict:
         verdict = self.book.admit_request(workspace_id, self.clock())

@@ -2,8 +2,9 @@
 bucket, written only by compare-and-set, and this process's open streams counted against what
 it holds.
 
-An open takes a slot this process already holds without waiting; only when it holds none free
-does it write the ledger, and the opens that wait meanwhile are covered by that one write. A
+An open takes a slot this process already holds without waiting (one a closed stream freed and
+not yet given back, or one that a write for several waiting opens took); otherwise it writes
+the ledger, and the opens that wait on that write are all covered by the next one. A
 write that loses a race re-reads the ledger and tries again; a refusal is decided only on a
 ledger just read. When the ledger cannot be written (the bus is down or too slow), `take`
 says so and the caller decides from the reports alone, as every process did before grants
@@ -24,7 +25,7 @@ from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from switchboard.limits.grants import Ledger, encode, parse, plan, surplus
+from switchboard.limits.grants import Ledger, encode, parse, plan
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class StreamSlots:
         self._to_trim.add(workspace_id)
 
     async def trim(self) -> None:
-        """Gives back what this process holds beyond its streams and the slack it may keep."""
+        """Gives back what this process holds beyond its open streams."""
         now = self.clock()
         self._full = {w: at for w, at in self._full.items() if self._found_full(w, now)}
         while self._to_trim:
@@ -198,8 +199,8 @@ class StreamSlots:
                     continue
                 self._full[workspace_id] = read_at
                 return  # no room, on a ledger just read
-            if not growing and not surplus(held, target) and trusted:
-                return
+            if not growing and target.slots >= held and trusted:
+                return  # nothing to give back
             if target.slots < held:
                 # Giving back is safe at once; taking waits for the write.
                 self.held[workspace_id] = target.slots
