@@ -337,7 +337,10 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         http=type(
             "ConfiguredHttpProtocol",
             (GatewayHttpProtocol,),
-            {"max_head_bytes": settings.max_header_bytes},
+            {
+                "max_head_bytes": settings.max_header_bytes,
+                "early_refusal": getattr(app, "early_refusal", None),
+            },
         ),
         ws=GatewayWebSocketProtocol,
         loop="none",

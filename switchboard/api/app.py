@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Scope
 
 from switchboard import __version__
 from switchboard.api.deps import Services
+from switchboard.api.early_refusal import EarlyRefusal
 from switchboard.api.limits import WorkspaceLimits
 from switchboard.api.middleware import (
     Authentication,
@@ -328,22 +329,22 @@ def create_app(services: Services) -> ASGIApp:
         text = await siblings.render() if siblings is not None else services.metrics.render()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return RequestContext(
+    limiter = WorkspaceLimits(
+        StreamDispatch(app, list(stream_routes)), services.limits, services.metrics
+    )
+    gateway = RequestContext(
         BodyLimit(
             WriteDeadline(
-                Authentication(
-                    WorkspaceLimits(
-                        StreamDispatch(app, list(stream_routes)), services.limits, services.metrics
-                    ),
-                    services.authenticator,
-                    services.metrics,
-                ),
+                Authentication(limiter, services.authenticator, services.metrics),
                 services.settings.write_deadline,
             ),
             services.settings.max_body_bytes,
         ),
         bus_connected=lambda: services.bus.connected,
     )
+    # What the HTTP protocol refuses itself, before this stack (api/early_refusal.py).
+    gateway.early_refusal = EarlyRefusal(services.authenticator, limiter, services.metrics)
+    return gateway
 
 
 def render_docs(schema: dict[str, Any]) -> str:

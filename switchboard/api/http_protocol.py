@@ -26,6 +26,7 @@ from uvicorn.server import ServerState
 from websockets.datastructures import Headers
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request, Response
 
+from switchboard.api.early_refusal import EarlyRefusal
 from switchboard.api.responses import error_bytes, error_headers, headers_too_large
 from switchboard.errors import ApiError
 from switchboard.ids import new_id
@@ -82,10 +83,13 @@ def with_abort(scope: Any, transport: asyncio.Transport, protocol: Any) -> None:
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, counting a request's head as it is fed to the parser."""
+    """uvicorn's httptools protocol, counting a request's head as it is fed to the parser, and
+    refusing a workspace over its request limits as soon as the head is parsed when the
+    answer is certain (api/early_refusal.py)."""
 
     max_head_bytes = MAX_HEAD_BYTES
     max_stalled_bytes = MAX_STALLED_BYTES
+    early_refusal: EarlyRefusal | None = None  # set by the server's configuration
 
     def __init__(
         self,
@@ -100,6 +104,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._stalled_bytes = 0
         self._done = False  # refused or upgraded: this protocol reads no more
         self._lost: list[Callable[[], object]] | None = None
+        self._answered_early = False  # the message being parsed was refused at its head
 
     def when_lost(self, callback: Callable[[], object]) -> None:
         """Runs `callback` once the connection is lost (at once if it is already): how a stream
@@ -186,6 +191,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._stalled_bytes = 0
+        if self._answer_early():
+            return
         with_abort(self.scope, self.transport, self)
         super().on_headers_complete()
         if self.parser.should_upgrade() and not self._should_upgrade():
@@ -203,8 +210,45 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_chunk_complete(self) -> None:
         self._stalled_bytes = 0
 
+    def _answer_early(self) -> bool:
+        """Writes the 429 of a request refused at its head, if it is one; then the connection
+        goes on as after any response (kept alive, or closed if the client asked)."""
+        refuser = self.early_refusal
+        cycle = self.cycle
+        if refuser is None or (cycle is not None and not cycle.response_complete):
+            return False  # a response is under way: this request must wait its turn
+        if self.parser.should_upgrade() or b"?" in self.url or b"%" in self.url:
+            return False
+        try:
+            path = httptools.parse_url(self.url).path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            return False
+        http_version = self.parser.get_http_version()
+        keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
+        raw = refuser.answer(
+            self.parser.get_method().decode("ascii"),
+            path,
+            self.headers,
+            self.server_state.default_headers,
+            close=(b"connection", b"close") in self.headers,
+        )
+        if raw is None:
+            return False
+        self._answered_early = True
+        self.transport.write(raw)
+        if keep_alive:
+            self.on_response_complete()
+        else:
+            self.server_state.total_requests += 1
+            self._done = True  # nothing after this request is read
+            self.transport.close()
+        return True
+
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        if self._answered_early:
+            self._answered_early = False  # it was answered at its head: no cycle waits on it
+        else:
+            super().on_message_complete()
         self._in_head = True
         self._head_bytes = 0
         self._stalled_bytes = 0

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
@@ -36,6 +36,9 @@ from switchboard.ids import new_id
 from switchboard.live.metrics import Metrics
 from switchboard.logs import access_level
 from switchboard.outage import OutageLog, unavailable_dependency
+
+if TYPE_CHECKING:
+    from switchboard.api.early_refusal import EarlyRefusal
 
 access_log = logging.getLogger("switchboard.access")
 log = logging.getLogger(__name__)
@@ -75,6 +78,8 @@ class RequestContext:
     def __init__(self, app: ASGIApp, bus_connected: Callable[[], bool] = lambda: True) -> None:
         self.app = app
         self.bus_connected = bus_connected
+        # Set by create_app: refusals the HTTP protocol writes before calling this layer.
+        self.early_refusal: EarlyRefusal | None = None
         self.outages = {
             "database": OutageLog(log, "The database (as the HTTP API sees it)"),
             "bus": OutageLog(log, "The bus (as the HTTP API sees it)"),

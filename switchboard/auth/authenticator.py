@@ -91,10 +91,10 @@ class Authenticator:
         if not looks_like_key(credential):
             raise AuthFailure("malformed", INVALID_KEY_MESSAGE)
         secret_hash = hash_secret(credential)
-        cached = self._cache.get(secret_hash)
+        cached = self._cached(secret_hash)
+        if cached is not None:
+            return cached
         now = self.clock()
-        if cached is not None and cached[1] > now:
-            return cached[0]
         generation = self._generation
         principal = None
         candidates = await self._candidates.get((display_prefix(credential), generation))
@@ -110,6 +110,16 @@ class Authenticator:
             self._cache.clear()  # crude but bounded; a refill costs one indexed query per key
         self._cache[secret_hash] = (principal, now + self.cache_ttl)
         return principal
+
+    def cached(self, credential: str) -> Principal | None:
+        """The principal of a key this process has verified within the cache's lifetime and
+        not seen revoked since; None for anything else (a key to look up, a stream token, a
+        string that is no key)."""
+        return self._cached(hash_secret(credential)) if looks_like_key(credential) else None
+
+    def _cached(self, secret_hash: bytes) -> Principal | None:
+        entry = self._cache.get(secret_hash)
+        return entry[0] if entry is not None and entry[1] > self.clock() else None
 
     async def _stream_token(self, token: str) -> Principal:
         try:
