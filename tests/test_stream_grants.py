@@ -219,3 +219,23 @@ async def test_a_flood_of_opens_over_the_limit_does_not_read_the_ledger_for_each
         assert await open_many(b, 500) == 0
         # One read found no room for every open that came before it began; the few after.
         assert 1 <= reads <= 5
+
+
+async def test_a_slot_given_back_is_seen_by_the_next_open_on_the_other_process(
+    own_nats: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refusal's grace far longer than the test: only hearing the write can end it.
+    monkeypatch.setattr("switchboard.limits.slots.FULL_GRACE", 600.0)
+    async with (
+        process_limits(own_nats.client_url) as (a, _),
+        process_limits(own_nats.client_url) as (b, _),
+    ):
+        assert await open_many(a, LIMIT) == LIMIT
+        assert await open_many(b, 1) == 0  # B read the ledger: no room
+        a.close_stream("ws_a")
+
+        async def b_opened() -> bool:
+            return (await b.open_stream("ws_a")).allowed
+
+        assert await eventually(b_opened, within=5)
+        assert not await b_opened()

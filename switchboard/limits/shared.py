@@ -16,7 +16,8 @@ burst, plus the average rate times the stretch, plus those few in flight.
 Open streams are bounded exactly instead: each takes a slot granted through the workspace's
 ledger (`slots.py`), so concurrent opens on every process never pass the limit, however late
 reports are heard. Every process beats (`h.<replica>`) every REFRESH_SECONDS, which is how the
-others tell a live process's grants from a dead one's.
+others tell a live process's grants from a dead one's, and hears every ledger write, which is
+how a refusal learns that a slot was given back.
 
 With the bus down each process keeps counting alone (each admits the whole quota, and streams
 are decided from the last reports heard) and reports when it is back."""
@@ -47,6 +48,7 @@ BUCKET = "switchboard_limits"
 # The stream ledgers: one entry per workspace, kept until rewritten (no TTL: a ledger lives as
 # long as its streams, and an expired one would forget live grants).
 GRANTS_BUCKET = "switchboard_stream_grants"
+GRANTS_PREFIX = f"$KV.{GRANTS_BUCKET}."
 SUBJECT_PREFIX = f"$KV.{BUCKET}."
 # Two windows' worth: an entry is of no use once its window is over.
 ENTRY_TTL = 2.0 * WINDOW_SECONDS + 10
@@ -69,6 +71,7 @@ class SharedLimits:
         self.book = LimitBook(secrets.token_hex(6), rate_per_minute, max_streams, burst_seconds)
         self._changed = asyncio.Event()
         self._subscription: Subscription | None = None
+        self._ledger_writes: Subscription | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._slots: StreamSlots | None = None  # set by start
         self._beaten = -TRUST_SECONDS  # wall clock of this process's last heartbeat sent
@@ -141,6 +144,14 @@ class SharedLimits:
             clock=self.clock,
             alive=lambda replica, at: self.book.alive(replica, at, self.clock()),
             trusted=lambda: self.clock() - self._beaten < TRUST_SECONDS,
+        )
+        slots = self._slots
+
+        async def ledger_written(msg: Msg) -> None:
+            slots.changed(msg.subject.removeprefix(GRANTS_PREFIX))
+
+        self._ledger_writes = await self.bus.client.subscribe(
+            GRANTS_PREFIX + ">", cb=ledger_written
         )
         # Subscribe first, then load: a report written in between is heard twice, never missed.
         self._subscription = await self.bus.client.subscribe(SUBJECT_PREFIX + ">", cb=self._heard)
@@ -216,6 +227,7 @@ class SharedLimits:
         with contextlib.suppress(NatsError, asyncio.TimeoutError):
             await self._publish(self.clock())
             await self.bus.client.flush(timeout=2)
-        if self._subscription is not None:
-            with contextlib.suppress(NatsError):
-                await self._subscription.unsubscribe()
+        for subscription in (self._subscription, self._ledger_writes):
+            if subscription is not None:
+                with contextlib.suppress(NatsError):
+                    await subscription.unsubscribe()

@@ -40,9 +40,10 @@ TRUST_SECONDS = 15.0
 # bus outage costs each open nothing rather than a timeout each.
 OUTAGE_SECONDS = 5.0
 # An open is refused without a read of its own when a read begun at most this long before it
-# arrived found no room: a flood of opens over the limit costs the bus a read per 10 ms, not
-# one per open, and a refusal is never decided on a ledger older than that.
-FULL_GRACE = 0.01
+# arrived found no room and no write to the ledger has been heard since (`changed`): a flood
+# of opens over the limit costs the bus a read a second, not one per open, and a slot given
+# back is seen by the next open, however soon.
+FULL_GRACE = 1.0
 
 
 class LedgerUnavailable(Exception):
@@ -109,6 +110,11 @@ class StreamSlots:
             else:
                 del self._waiting[workspace_id]
                 self._forget_if_idle(workspace_id)
+
+    def changed(self, workspace_id: str) -> None:
+        """Some process wrote the workspace's ledger (heard on the bus): room may have been
+        given back, so the next open that finds none reads the ledger again."""
+        self._full.pop(workspace_id, None)
 
     def count_untaken(self, workspace_id: str) -> None:
         """A stream admitted without a slot (the ledger was unavailable): counted, so that the
