@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from nats.js.kv import KeyValue
 
-from switchboard.bus import Bus, connect_bus
+from switchboard.bus import connect_bus
 from switchboard.embedded import EmbeddedNats
 from switchboard.limits.book import STALE_AFTER
 from switchboard.limits.grants import Grant, encode, parse, plan
@@ -89,18 +89,35 @@ async def process_limits(
     *,
     release: bool = True,
     limit: int = LIMIT,
-) -> AsyncIterator[tuple[SharedLimits, Bus]]:
+) -> AsyncIterator[SharedLimits]:
     bus = await connect_bus(nats_url)
     limits = SharedLimits(
         bus, rate_per_minute=1_000_000, max_streams=limit, burst_seconds=60.0, clock=clock
     )
     await limits.start()
     try:
-        yield limits, bus
+        yield limits
     finally:
         if release:
             await limits.stop()
         await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def two_processes(
+    nats_url: str, limit: int = LIMIT
+) -> AsyncIterator[tuple[SharedLimits, SharedLimits]]:
+    async with (
+        process_limits(nats_url, limit=limit) as a,
+        process_limits(nats_url, limit=limit) as b,
+    ):
+        yield a, b
+
+
+async def fill_one(full: SharedLimits, other: SharedLimits) -> None:
+    """`full` takes every slot; `other` has read the ledger and found no room."""
+    assert await open_many(full, LIMIT) == LIMIT
+    assert await open_many(other, 1) == 0
 
 
 async def open_many(limits: SharedLimits, count: int, workspace_id: str = "ws_a") -> int:
@@ -111,10 +128,7 @@ async def open_many(limits: SharedLimits, count: int, workspace_id: str = "ws_a"
 async def test_concurrent_opens_on_two_processes_never_pass_the_limit(
     own_nats: EmbeddedNats,
 ) -> None:
-    async with (
-        process_limits(own_nats.client_url) as (a, _),
-        process_limits(own_nats.client_url) as (b, _),
-    ):
+    async with two_processes(own_nats.client_url) as (a, b):
         # Both at once, before either has heard a report from the other.
         admitted = await asyncio.gather(open_many(a, 30), open_many(b, 30))
         assert sum(admitted) == LIMIT
@@ -128,12 +142,8 @@ async def test_concurrent_opens_on_two_processes_never_pass_the_limit(
 async def test_a_closed_stream_frees_its_slot_for_the_other_process(
     own_nats: EmbeddedNats,
 ) -> None:
-    async with (
-        process_limits(own_nats.client_url) as (a, _),
-        process_limits(own_nats.client_url) as (b, _),
-    ):
-        assert await open_many(a, LIMIT) == LIMIT
-        assert await open_many(b, 1) == 0
+    async with two_processes(own_nats.client_url) as (a, b):
+        await fill_one(a, b)
         for _ in range(3):
             a.close_stream("ws_a")
 
@@ -151,8 +161,8 @@ async def test_a_dead_process_grants_are_dropped_once_it_stops_beating(
     own_nats: EmbeddedNats,
 ) -> None:
     clock = Clock()
-    async with process_limits(own_nats.client_url, clock) as (b, _):
-        async with process_limits(own_nats.client_url, release=False) as (a, _):
+    async with process_limits(own_nats.client_url, clock) as b:
+        async with process_limits(own_nats.client_url, release=False) as a:
             assert await open_many(a, LIMIT) == LIMIT
             assert a._reporter is not None
             a._reporter.cancel()  # it dies: no release, no more heartbeats
@@ -164,7 +174,7 @@ async def test_a_dead_process_grants_are_dropped_once_it_stops_beating(
 async def test_with_the_bus_down_the_reports_decide_and_nothing_hangs(
     own_nats: EmbeddedNats,
 ) -> None:
-    async with process_limits(own_nats.client_url) as (a, _):
+    async with process_limits(own_nats.client_url) as a:
         assert await open_many(a, 2) == 2
         own_nats.stop()
         started = time.monotonic()
@@ -178,7 +188,7 @@ async def test_with_the_bus_down_the_reports_decide_and_nothing_hangs(
 async def test_a_process_gives_back_what_its_closed_streams_held(
     own_nats: EmbeddedNats, closes: int
 ) -> None:
-    async with process_limits(own_nats.client_url) as (a, _):
+    async with process_limits(own_nats.client_url) as a:
         assert await open_many(a, LIMIT) == LIMIT
         for _ in range(closes):
             a.close_stream("ws_a")
@@ -191,10 +201,7 @@ async def test_a_storm_on_two_processes_opens_exactly_the_limit_not_fewer(
 ) -> None:
     """No slot is left idle with one process while the other refuses: a limit of 200 and 300
     opens at once on each process leave exactly 200 open."""
-    async with (
-        process_limits(own_nats.client_url, limit=200) as (a, _),
-        process_limits(own_nats.client_url, limit=200) as (b, _),
-    ):
+    async with two_processes(own_nats.client_url, limit=200) as (a, b):
         admitted = await asyncio.gather(open_many(a, 300), open_many(b, 300))
         assert sum(admitted) == 200
 
@@ -202,10 +209,7 @@ async def test_a_storm_on_two_processes_opens_exactly_the_limit_not_fewer(
 async def test_a_flood_of_opens_over_the_limit_does_not_read_the_ledger_for_each(
     own_nats: EmbeddedNats,
 ) -> None:
-    async with (
-        process_limits(own_nats.client_url) as (a, _),
-        process_limits(own_nats.client_url) as (b, _),
-    ):
+    async with two_processes(own_nats.client_url) as (a, b):
         assert await open_many(a, LIMIT) == LIMIT
         reads = 0
         real_get = b.slots.kv.get
@@ -226,12 +230,8 @@ async def test_a_slot_given_back_is_seen_by_the_next_open_on_the_other_process(
 ) -> None:
     # A refusal's grace far longer than the test: only hearing the write can end it.
     monkeypatch.setattr("switchboard.limits.slots.FULL_GRACE", 600.0)
-    async with (
-        process_limits(own_nats.client_url) as (a, _),
-        process_limits(own_nats.client_url) as (b, _),
-    ):
-        assert await open_many(a, LIMIT) == LIMIT
-        assert await open_many(b, 1) == 0  # B read the ledger: no room
+    async with two_processes(own_nats.client_url) as (a, b):
+        await fill_one(a, b)
         a.close_stream("ws_a")
 
         async def b_opened() -> bool:
