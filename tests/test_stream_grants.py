@@ -239,3 +239,23 @@ async def test_a_slot_given_back_is_seen_by_the_next_open_on_the_other_process(
 
         assert await eventually(b_opened, within=5)
         assert not await b_opened()
+
+
+async def test_a_read_that_a_write_overtook_is_not_kept_as_no_room(
+    own_nats: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("switchboard.limits.slots.FULL_GRACE", 600.0)
+    async with two_processes(own_nats.client_url) as (a, b):
+        assert await open_many(a, LIMIT) == LIMIT
+        real_get = b.slots.kv.get
+
+        async def overtaken_get(key: str) -> KeyValue.Entry:
+            entry = await real_get(key)  # every slot held
+            a.close_stream("ws_a")  # and meanwhile A gives one back, and B hears it
+            await eventually(lambda: b.slots._changes.get("ws_a", 0) > 0)
+            return entry
+
+        b.slots.kv.get = overtaken_get  # type: ignore[method-assign,assignment]
+        assert not (await b.open_stream("ws_a")).allowed  # what that read said
+        b.slots.kv.get = real_get  # type: ignore[method-assign]
+        assert (await b.open_stream("ws_a")).allowed  # read again, not taken as still full

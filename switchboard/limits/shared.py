@@ -74,6 +74,7 @@ class SharedLimits:
         self._ledger_writes: Subscription | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._slots: StreamSlots | None = None  # set by start
+        self._stopping = False
         self._beaten = -TRUST_SECONDS  # wall clock of this process's last heartbeat sent
 
     @property
@@ -191,7 +192,7 @@ class SharedLimits:
 
     async def _report_forever(self) -> None:
         next_refresh = self.clock() + REFRESH_SECONDS
-        while True:
+        while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), REFRESH_SECONDS)
             self._changed.clear()
@@ -202,7 +203,10 @@ class SharedLimits:
                 await self._beat(now)
                 next_refresh = now + REFRESH_SECONDS
             await self._publish(now)
-            await self.slots.trim()
+            try:
+                await self.slots.trim()
+            except Exception:  # a bug must not stop the reports as well
+                log.exception("giving back stream slots failed")
             # Pacing, not synchronisation: changes in this interval go out in the next report.
             await asyncio.sleep(REPORT_PACE)
 
@@ -217,10 +221,18 @@ class SharedLimits:
 
     async def stop(self) -> None:
         """Reports this process's streams as gone (they are, after the drain)."""
-        if self._reporter is not None:
-            self._reporter.cancel()
+        self._stopping = True
+        reporter = self._reporter
+        if reporter is not None:
+            # Python 3.11's wait_for can swallow a cancellation that lands as its wait ends
+            # (the reporter would then wait on, and this with it): the flag ends the loop, and
+            # the cancellation is repeated until the task is done.
+            self._changed.set()
+            while not reporter.done():
+                reporter.cancel()
+                await asyncio.wait({reporter}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reporter
+                await reporter
         self.book.forget_streams()
         if self._slots is not None:
             await self._slots.release_all()

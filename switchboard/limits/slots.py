@@ -78,6 +78,9 @@ class StreamSlots:
         self._failed_at = -OUTAGE_SECONDS  # wall clock of the ledger's last failure
         # Wall clock at which the last read that found a workspace's slots all held began.
         self._full: dict[str, float] = {}
+        # Ledger writes heard, per workspace this process is busy with: a read that a write
+        # overtook cannot stand as "no room" (the write may have given some back).
+        self._changes: dict[str, int] = {}
 
     async def take(self, workspace_id: str) -> bool:
         """Takes a slot for one more stream: True when it is this process's, False when every
@@ -115,6 +118,8 @@ class StreamSlots:
         """Some process wrote the workspace's ledger (heard on the bus): room may have been
         given back, so the next open that finds none reads the ledger again."""
         self._full.pop(workspace_id, None)
+        if workspace_id in self._locks:
+            self._changes[workspace_id] = self._changes.get(workspace_id, 0) + 1
 
     def count_untaken(self, workspace_id: str) -> None:
         """A stream admitted without a slot (the ledger was unavailable): counted, so that the
@@ -150,6 +155,7 @@ class StreamSlots:
         lock = self._locks.get(workspace_id)
         if not busy and workspace_id not in self._waiting and not (lock and lock.locked()):
             self._locks.pop(workspace_id, None)
+            self._changes.pop(workspace_id, None)
             self._known.pop(workspace_id, None)
             self._written.pop(workspace_id, None)
             # A recent "no room" stays: it is what spares the bus a read per refused open.
@@ -157,12 +163,16 @@ class StreamSlots:
                 self._full.pop(workspace_id, None)
 
     async def release_all(self) -> None:
-        """At shutdown (after the drain): this process holds nothing any more."""
+        """At shutdown (after the drain): this process holds nothing any more. If the ledger
+        does not answer, the rest is left to expire with this process's heartbeat rather than
+        each workspace waiting out its own timeout."""
         self.used.clear()
         for workspace_id in list(self.held):
-            with contextlib.suppress(LedgerUnavailable):
+            try:
                 async with self._lock(workspace_id):
                     await self._settle(workspace_id, 0)
+            except LedgerUnavailable:
+                return
 
     def _found_full(self, workspace_id: str, arrived: float) -> bool:
         return self._full.get(workspace_id, -FULL_GRACE) >= arrived - FULL_GRACE
@@ -187,10 +197,10 @@ class StreamSlots:
         """Writes this process's grant for `need` streams (a grow, or a trim when `growing` is
         False and it holds more than it may keep). Holds the workspace's lock."""
         fresh = False
-        read_at = 0.0
+        read_at, changes = 0.0, 0
         for _attempt in range(ATTEMPTS):
             if workspace_id not in self._known:
-                read_at = self.clock()
+                read_at, changes = self.clock(), self._changes.get(workspace_id, 0)
                 self._known[workspace_id] = await self._read(workspace_id)
                 fresh = True
             ledger, revision = self._known[workspace_id]
@@ -203,7 +213,8 @@ class StreamSlots:
                     # What was known says there is no room; others may have given some back.
                     del self._known[workspace_id]
                     continue
-                self._full[workspace_id] = read_at
+                if self._changes.get(workspace_id, 0) == changes:
+                    self._full[workspace_id] = read_at  # no write was heard during the read
                 return  # no room, on a ledger just read
             if not growing and target.slots >= held and trusted:
                 return  # nothing to give back
