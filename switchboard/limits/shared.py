@@ -34,6 +34,7 @@ from collections.abc import Callable
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
@@ -54,6 +55,7 @@ SUBJECT_PREFIX = f"$KV.{BUCKET}."
 ENTRY_TTL = 2.0 * WINDOW_SECONDS + 10
 REPORT_PACE = 0.005  # seconds: at most 200 reports a second per process, however busy
 LOAD_TIMEOUT = 5.0
+BUCKET_ATTEMPTS = 4  # of the server's 5 s each, at start
 
 
 class SharedLimits:
@@ -172,17 +174,27 @@ class SharedLimits:
     async def _bucket(self, config: KeyValueConfig) -> KeyValue:
         js = self.bus.js
         assert config.bucket is not None
-        try:
-            return await js.key_value(config.bucket)
-        except BucketNotFoundError:
-            # Replicas starting together may race to create it: the same config is accepted.
-            return await js.create_key_value(config)
+        for attempt in range(1, BUCKET_ATTEMPTS + 1):
+            try:
+                try:
+                    return await js.key_value(config.bucket)
+                except BucketNotFoundError:
+                    # Replicas starting together may race to create it: the same config is
+                    # accepted.
+                    return await js.create_key_value(config)
+            except NatsTimeout:
+                # In a cluster, a bucket another replica has just made may not answer until
+                # its replicas have chosen a leader.
+                if attempt == BUCKET_ATTEMPTS:
+                    raise
+                log.info("the %s bucket did not answer yet; asking again", config.bucket)
+        raise AssertionError("unreachable")
 
     async def _beat(self, now: float) -> None:
         key, value = self.book.heartbeat(now)
         try:
             await self.bus.client.publish(SUBJECT_PREFIX + key, value)
-        except NatsError as failure:
+        except (NatsError, OSError) as failure:  # OSError: the socket broke mid-write
             log.debug("heartbeat not sent: %s", type(failure).__name__)
             return
         self._beaten = now
@@ -214,7 +226,7 @@ class SharedLimits:
         for key, value in self.book.reports(now):
             try:
                 await self.bus.client.publish(SUBJECT_PREFIX + key, value)
-            except NatsError as failure:
+            except (NatsError, OSError) as failure:  # OSError: the socket broke mid-write
                 # Counting goes on locally; the refresh reports the streams again later and
                 # the next admission reports the requests again.
                 log.debug("limits report not sent: %s", type(failure).__name__)
