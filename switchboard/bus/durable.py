@@ -24,6 +24,7 @@ from switchboard.db import Connection, Database
 from switchboard.events import EVENTS_STREAM, EventError, check_envelope, subject_mismatch
 from switchboard.live.metrics import Metrics
 from switchboard.outage import OutageLog, unavailable_dependency
+from switchboard.stopping import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +126,8 @@ class EventConsumer:
 
     async def stop(self) -> None:
         """Stops at once; whatever was not acknowledged is redelivered to the next consumer."""
-        self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        # nats-py's fetch can swallow a cancellation and go on waiting for its timeout (1 s);
-        # the flag then ends the loop, and a repeated cancel covers any other await.
-        while pending := [task for task in self._tasks if not task.done()]:
-            await asyncio.wait(pending, timeout=0.5)
-            for task in pending:
-                task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True  # nats-py's fetch can swallow a cancellation: the flag ends the loop
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if self._subscription is not None:
             # Only this process's interest ends; the durable consumer stays for the others.

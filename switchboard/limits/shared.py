@@ -42,6 +42,7 @@ from nats.js.kv import KeyValue
 from switchboard.bus import Bus
 from switchboard.limits.book import REFRESH_SECONDS, WINDOW_SECONDS, LimitBook, Verdict
 from switchboard.limits.slots import TRUST_SECONDS, LedgerUnavailable, StreamSlots
+from switchboard.stopping import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -233,18 +234,10 @@ class SharedLimits:
 
     async def stop(self) -> None:
         """Reports this process's streams as gone (they are, after the drain)."""
+        # Python 3.11's wait_for can swallow the reporter's cancellation: the flag ends its loop.
         self._stopping = True
-        reporter = self._reporter
-        if reporter is not None:
-            # Python 3.11's wait_for can swallow a cancellation that lands as its wait ends
-            # (the reporter would then wait on, and this with it): the flag ends the loop, and
-            # the cancellation is repeated until the task is done.
-            self._changed.set()
-            while not reporter.done():
-                reporter.cancel()
-                await asyncio.wait({reporter}, timeout=0.5)
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
+        if self._reporter is not None:
+            await cancel_and_wait([self._reporter])
         self.book.forget_streams()
         if self._slots is not None:
             await self._slots.release_all()
