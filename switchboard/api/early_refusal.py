@@ -16,20 +16,14 @@ under way on the connection. Anything else takes the normal path, which decides 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
-
-from switchboard.api.limits import WorkspaceLimits, refusal
-from switchboard.api.middleware import access_log, is_v1
-from switchboard.api.responses import error_bytes, error_headers
+from switchboard.api.limits import WorkspaceLimits
+from switchboard.api.middleware import is_v1, log_access
+from switchboard.api.responses import Header, raw_error, raw_response
 from switchboard.auth.authenticator import Authenticator
 from switchboard.auth.keys import MalformedAuthorization, bearer_credential
-from switchboard.ids import new_id
 from switchboard.live.metrics import Metrics
-from switchboard.logs import access_level
-
-Header = tuple[bytes, bytes]
 
 EARLY_METRIC = "switchboard_rate_limited_early_total"
 
@@ -40,11 +34,9 @@ class EarlyRefusal:
         authenticator: Authenticator,
         limiter: WorkspaceLimits,
         metrics: Metrics,
-        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.authenticator = authenticator
         self.limiter = limiter
-        self.clock = clock
         self.early = metrics.counter(
             EARLY_METRIC,
             "429s written by the HTTP protocol as soon as a request's head was parsed (also "
@@ -64,7 +56,7 @@ class EarlyRefusal:
         """The whole response (status line, head, body) refusing this request, or None when
         the normal path must decide. `path` is the request's path, undecoded and without a
         query; `close` adds `Connection: close` (the request asked for it)."""
-        started = self.clock()
+        started = time.perf_counter()
         if method == "HEAD" or not is_v1(path):
             return None  # a HEAD's answer has no body: the server writes that one
         authorization = fetch_site = None
@@ -84,33 +76,12 @@ class EarlyRefusal:
         principal = self.authenticator.cached(credential)
         if principal is None or principal.is_stream_token:
             return None
-        limits = self.limiter.limits
-        verdict = limits.book.request_verdict(principal.workspace_id, limits.clock())
+        verdict = self.limiter.limits.request_verdict(principal.workspace_id)
         if verdict.allowed:
             return None
-        error = refusal(verdict, limits.book.burst)
-        request_id = new_id("req")
-        body = error_bytes(error, request_id)
-        head = [
-            *default_headers,
-            *error_headers(error),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode()),
-        ]
+        head, body, request_id = raw_error(self.limiter.refuse(verdict))
         if close:
             head.append((b"connection", b"close"))
-        self.limiter.refused[verdict.kind] += 1
         self.early[verdict.kind] += 1
-        access_log.log(
-            access_level(method, path, 429, fetch_site),
-            "%s %s %s",
-            method,
-            path,
-            429,
-            extra={
-                "request_id": request_id,
-                "duration_ms": round((self.clock() - started) * 1000, 1),
-            },
-        )
-        lines = b"".join(name + b": " + value + b"\r\n" for name, value in head)
-        return STATUS_LINE[429] + lines + b"\r\n" + body
+        log_access(method, path, 429, fetch_site, request_id, started)
+        return raw_response(429, [*default_headers, *head], body)

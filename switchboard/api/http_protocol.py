@@ -20,16 +20,15 @@ from typing import Any
 import httptools
 from uvicorn._types import ASGISendEvent
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.datastructures import Headers
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request, Response
 
 from switchboard.api.early_refusal import EarlyRefusal
-from switchboard.api.responses import error_bytes, error_headers, headers_too_large
+from switchboard.api.responses import headers_too_large, raw_error, raw_response
 from switchboard.errors import ApiError
-from switchboard.ids import new_id
 
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers, in total (SPEC 6)
 # After its head, a message must keep the parser making progress (body bytes, chunk
@@ -44,13 +43,7 @@ NOT_HTTP = ApiError("INVALID_ARGUMENT", "The request is not valid HTTP/1.1.")
 
 def refusal_parts(status: int, error: ApiError) -> tuple[list[tuple[bytes, bytes]], bytes, str]:
     """Headers, body and request id of an error response that closes the connection."""
-    request_id = new_id("req")
-    body = error_bytes(error, request_id)
-    headers = [
-        *error_headers(error),
-        (b"x-request-id", request_id.encode()),
-        (b"content-length", str(len(body)).encode()),
-    ]
+    headers, body, request_id = raw_error(error)
     if not any(name == b"connection" for name, _ in headers):
         headers.append((b"connection", b"close"))
     return headers, body, request_id
@@ -59,8 +52,7 @@ def refusal_parts(status: int, error: ApiError) -> tuple[list[tuple[bytes, bytes
 def refusal(status: int, error: ApiError) -> tuple[bytes, str]:
     """The raw bytes of an error response that closes the connection, and its request id."""
     headers, body, request_id = refusal_parts(status, error)
-    head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
-    return STATUS_LINE[status] + head + b"\r\n" + body, request_id
+    return raw_response(status, headers, body), request_id
 
 
 def log_refusal(method: str, path: str, status: int, request_id: str) -> None:

@@ -45,6 +45,11 @@ class WorkspaceLimits:
             "limit",
         )
 
+    def refuse(self, verdict: Verdict) -> ApiError:
+        """Counts a refusal and says why (the early refusals count here too)."""
+        self.refused[verdict.kind] += 1
+        return refusal(verdict, self.limits.book.burst)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         principal: Principal | None = scope.get("state", {}).get("principal")
         if principal is None:  # not /v1 (the console, health, metrics) or not authenticated
@@ -59,8 +64,7 @@ class WorkspaceLimits:
         else:
             verdict = self.limits.admit_request(workspace_id)
         if not verdict.allowed:
-            self.refused[verdict.kind] += 1
-            await send_error(scope, send, refusal(verdict, self.limits.book.burst))
+            await send_error(scope, send, self.refuse(verdict))
             return
         if not stream:
             await self.app(scope, receive, with_rate_headers(send, verdict))

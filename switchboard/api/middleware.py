@@ -44,6 +44,23 @@ access_log = logging.getLogger("switchboard.access")
 log = logging.getLogger(__name__)
 
 
+def log_access(
+    method: str, path: str, status: int, fetch_site: str | None, request_id: str, started: float
+) -> None:
+    """A request's access-log line (`started`: its `time.perf_counter()` at arrival)."""
+    access_log.log(
+        access_level(method, path, status, fetch_site),
+        "%s %s %s",
+        method,
+        path,
+        status,
+        extra={
+            "request_id": request_id,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        },
+    )
+
+
 def is_v1(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
@@ -129,24 +146,13 @@ class RequestContext:
             if self.outages["bus"].down and self.bus_connected():
                 self.outages["bus"].recovered()
             method = scope.get("method", "WS")
-            level = access_level(method, path, progress.status, _header(scope, b"sec-fetch-site"))
+            fetch_site = _header(scope, b"sec-fetch-site")
             status = progress.status
-
-            def log_access() -> None:
-                access_log.log(
-                    level,
-                    "%s %s %s",
-                    method,
-                    path,
-                    status,
-                    extra={
-                        "request_id": request_id,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                    },
-                )
-
             # A stream whose connection outlives this call is logged when it ends.
-            release_when_done(scope, log_access)
+            release_when_done(
+                scope,
+                lambda: log_access(method, path, status, fetch_site, request_id, started),
+            )
 
     async def _failed(self, scope: Scope, error: Exception, progress: Progress, send: Send) -> None:
         dependency = unavailable_dependency(error)

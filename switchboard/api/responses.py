@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import orjson
 from starlette.types import Scope, Send
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from switchboard.errors import ApiError, error_body
+from switchboard.ids import new_id
 from switchboard.outage import unavailable_dependency
 
 
@@ -74,6 +76,28 @@ def error_headers(error: ApiError) -> list[tuple[bytes, bytes]]:
 
 def error_bytes(error: ApiError, request_id: str) -> bytes:
     return orjson.dumps(error_body(error.error_code, error.message, request_id))
+
+
+Header = tuple[bytes, bytes]
+
+
+def raw_error(error: ApiError) -> tuple[list[Header], bytes, str]:
+    """Headers (with Content-Length and X-Request-Id), body and a new request id of an error
+    answered below the application, by the HTTP protocol itself."""
+    request_id = new_id("req")
+    body = error_bytes(error, request_id)
+    headers = [
+        *error_headers(error),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    return headers, body, request_id
+
+
+def raw_response(status: int, headers: list[Header], body: bytes) -> bytes:
+    """A whole HTTP/1.1 response as written to the socket."""
+    head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return STATUS_LINE[status] + head + b"\r\n" + body
 
 
 async def send_error(scope: Scope, send: Send, error: ApiError) -> None:

@@ -94,10 +94,14 @@ class SharedLimits:
             self._changed.set()
         return verdict
 
+    def request_verdict(self, workspace_id: str) -> Verdict:
+        """Whether one more request would be admitted now; counts nothing."""
+        return self.book.request_verdict(workspace_id, self.clock())
+
     async def open_stream(self, workspace_id: str) -> Verdict:
         """Needs room in both request limits and a stream slot; waits on the bus only when this
         process holds no free slot for the workspace."""
-        request = self.book.request_verdict(workspace_id, self.clock())
+        request = self.request_verdict(workspace_id)
         if not request.allowed:
             return request
         try:
