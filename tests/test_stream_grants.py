@@ -11,12 +11,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from switchboard.bus import connect_bus
 from switchboard.embedded import EmbeddedNats
 from switchboard.limits.book import STALE_AFTER
-from switchboard.limits.grants import Grant, encode, parse, plan
+from switchboard.limits.grants import SHORT_FRESH, Grant, encode, parse, plan
 from switchboard.limits.shared import SharedLimits
 from tests.harness import eventually
 
@@ -30,12 +31,28 @@ def everyone_alive(_replica: str, _at: float) -> bool:
 # --- the rules -------------------------------------------------------------------------------
 
 
-def test_a_grant_takes_what_is_needed_as_far_as_the_limit_and_nothing_spare() -> None:
+def test_a_grant_takes_what_is_needed_and_spare_slots_only_as_far_as_the_limit() -> None:
     assert plan({}, "a", 3, 1000, NOW, everyone_alive).slots == 3
-    near = plan({"a": Grant(995, NOW)}, "b", 8, 1000, NOW, everyone_alive)
-    assert near.slots == 5 and near.ledger == {"a": Grant(995, NOW), "b": Grant(5, NOW)}
+    spared = plan({}, "a", 3, 1000, NOW, everyone_alive, spare=3).ledger["a"]
+    assert (spared.slots, spared.busy, spared.spare) == (6, 3, 3)
+    near = plan({"a": Grant(995, NOW)}, "b", 8, 1000, NOW, everyone_alive, spare=8)
+    assert near.slots == 5 and near.ledger == {"a": Grant(995, NOW), "b": Grant(5, NOW, 5)}
+    assert not near.short  # A's slots are all busy: nothing to ask for
     # Needing nothing, a process leaves the ledger.
     assert "b" not in plan(near.ledger, "b", 0, 1000, NOW, everyone_alive).ledger
+
+
+def test_a_process_short_of_slots_the_others_hold_spare_is_marked_and_stops_their_spares() -> None:
+    ledger = {"a": Grant(10, NOW, busy=4)}
+    short = plan(ledger, "b", 2, 10, NOW, everyone_alive, spare=2)
+    assert short.short and short.slots == 0 and short.ledger["b"] == Grant(0, NOW, 0, True)
+    # Once it has asked, it decides on what it reads: no mark.
+    assert "b" not in plan(ledger, "b", 2, 10, NOW, everyone_alive, may_ask=False).ledger
+    # While the mark is fresh, A takes no spare slots; a stale one is dropped and ignored.
+    after_give_back = {**short.ledger, "a": Grant(4, NOW, 4)}
+    assert plan(after_give_back, "a", 5, 10, NOW + 1, everyone_alive, spare=5).slots == 5
+    later = plan(after_give_back, "a", 5, 10, NOW + SHORT_FRESH + 1, everyone_alive, spare=5)
+    assert later.slots == 10 and set(later.ledger) == {"a"}
 
 
 def test_grants_never_sum_past_the_limit_whoever_asks_and_in_any_order() -> None:
@@ -63,8 +80,10 @@ def test_the_grants_of_a_process_that_stopped_beating_are_dropped() -> None:
 def test_a_malformed_ledger_reads_as_empty_and_a_ledger_reads_back_as_written() -> None:
     for bad in (b"", b"not json", b"[1, 2]", b'{"a": "x"}', b'{"a": [1]}'):
         assert parse(bad) == {}
-    ledger = {"a": Grant(3, NOW), "b": Grant(7, NOW + 1.5)}
+    ledger = {"a": Grant(3, NOW, 3), "b": Grant(7, NOW + 1.5, 2, True)}
     assert parse(encode(ledger)) == ledger
+    # As first written: slots and time, every slot busy.
+    assert parse(b'{"a": [3, 1.5]}') == {"a": Grant(3, 1.5)}
 
 
 # --- two processes on a real NATS ------------------------------------------------------------
@@ -259,3 +278,56 @@ async def test_a_read_that_a_write_overtook_is_not_kept_as_no_room(
         assert not (await b.open_stream("ws_a")).allowed  # what that read said
         b.slots.kv.get = real_get  # type: ignore[method-assign]
         assert (await b.open_stream("ws_a")).allowed  # read again, not taken as still full
+
+
+async def test_spare_slots_on_one_process_never_keep_a_stream_out_on_the_other(
+    own_nats: EmbeddedNats,
+) -> None:
+    async with two_processes(own_nats.client_url) as (a, b):
+        assert await open_many(a, 1) == 1
+        assert a.slots.held["ws_a"] > a.slots.used["ws_a"]  # A holds spare slots
+        # One at a time, B gets every slot A does not use: A gives its spares back.
+        for _ in range(LIMIT - 1):
+            assert (await b.open_stream("ws_a")).allowed
+        assert await open_many(b, 1) == 0 and await open_many(a, 1) == 0
+
+
+async def test_spares_used_since_they_were_written_are_owned_up_to_at_once(
+    own_nats: EmbeddedNats,
+) -> None:
+    async with two_processes(own_nats.client_url) as (a, b):
+        assert await open_many(a, 1) == 1
+        taken = a.slots.held["ws_a"]
+        assert taken > 1
+        # A fills its spares without a write: the ledger still shows them spare.
+        assert await open_many(a, taken - 1) == taken - 1
+        assert a.slots.held["ws_a"] == taken
+        # B asks for them, and A answers that it has none.
+        assert await open_many(b, LIMIT) == LIMIT - taken
+        entry = await b.slots.kv.get("ws_a")
+        assert parse(entry.value)[a.book.replica].spare == 0
+
+
+async def test_a_give_back_whose_write_lost_a_race_is_written_again(
+    own_nats: EmbeddedNats,
+) -> None:
+    async with two_processes(own_nats.client_url) as (a, b):
+        await fill_one(a, b)
+        real_update = a.slots.kv.update
+        lost = 0
+
+        async def loses_once(key: str, value: bytes, last: int | None = None) -> int:
+            nonlocal lost
+            if not lost:
+                lost += 1
+                raise KeyWrongLastSequenceError()
+            return await real_update(key, value, last=last)
+
+        a.slots.kv.update = loses_once  # type: ignore[method-assign,assignment]
+        a.close_stream("ws_a")
+
+        async def b_opened() -> bool:
+            return (await b.open_stream("ws_a")).allowed
+
+        assert await eventually(b_opened, within=5)
+        assert lost == 1

@@ -156,7 +156,7 @@ class SharedLimits:
         slots = self._slots
 
         async def ledger_written(msg: Msg) -> None:
-            slots.changed(msg.subject.removeprefix(GRANTS_PREFIX))
+            slots.changed(msg.subject.removeprefix(GRANTS_PREFIX), msg.data)
 
         self._ledger_writes = await self.bus.client.subscribe(
             GRANTS_PREFIX + ">", cb=ledger_written

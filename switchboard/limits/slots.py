@@ -2,13 +2,17 @@
 bucket, written only by compare-and-set, and this process's open streams counted against what
 it holds.
 
-An open takes a slot this process already holds without waiting (one a closed stream freed and
-not yet given back, or one that a write for several waiting opens took); otherwise it writes
-the ledger, and the opens that wait on that write are all covered by the next one. A
-write that loses a race re-reads the ledger and tries again; a refusal is decided only on a
-ledger just read. When the ledger cannot be written (the bus is down or too slow), `take`
-says so and the caller decides from the reports alone, as every process did before grants
-(see `SharedLimits`): a bus outage must not stop streams, and the bound then is the reports'.
+An open takes a slot this process already holds without waiting (a spare one, one a closed
+stream freed and not yet given back, or one that a write for several waiting opens took);
+otherwise it writes the ledger, and the opens that wait on that write are all covered by the
+next one. A write that loses a race re-reads the ledger and tries again; a refusal is decided
+only on a ledger just read. An open that finds the others holding spare slots marks this
+process short and waits (once, at most `SHORT_WAIT`) for them to give those back; a process
+that hears another marked short gives back its own spares at once (`changed`).
+
+When the ledger cannot be written (the bus is down or too slow), `take` says so and the caller
+decides from the reports alone, as every process did before grants (see `SharedLimits`): a bus
+outage must not stop streams, and the bound then is the reports'.
 
 This process's grant is trusted only while its own heartbeat, or its last write of that grant,
 is recent: a process that could do neither for `TRUST_SECONDS` may have been taken for dead and
@@ -25,7 +29,16 @@ from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from switchboard.limits.grants import Ledger, encode, parse, plan
+from switchboard.limits.grants import (
+    SPARE_MAX,
+    Ledger,
+    Plan,
+    encode,
+    others_spare,
+    parse,
+    plan,
+)
+from switchboard.stopping import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +57,9 @@ OUTAGE_SECONDS = 5.0
 # of opens over the limit costs the bus a read a second, not one per open, and a slot given
 # back is seen by the next open, however soon.
 FULL_GRACE = 1.0
+# Seconds an open that marked this process short waits for the others to give spare slots back
+# (a write each, milliseconds on a live process); then the ledger as read decides.
+SHORT_WAIT = 0.5
 
 
 class LedgerUnavailable(Exception):
@@ -81,6 +97,10 @@ class StreamSlots:
         # Ledger writes heard, per workspace this process is busy with: a read that a write
         # overtook cannot stand as "no room" (the write may have given some back).
         self._changes: dict[str, int] = {}
+        # Per workspace this process is short in: the others' spare slots when it asked, and
+        # what its open waits on (a write that leaves them fewer).
+        self._asking: dict[str, tuple[int, asyncio.Future[None]]] = {}
+        self._giving: dict[str, asyncio.Task[None]] = {}  # spares being given back
 
     async def take(self, workspace_id: str) -> bool:
         """Takes a slot for one more stream: True when it is this process's, False when every
@@ -114,12 +134,44 @@ class StreamSlots:
                 del self._waiting[workspace_id]
                 self._forget_if_idle(workspace_id)
 
-    def changed(self, workspace_id: str) -> None:
-        """Some process wrote the workspace's ledger (heard on the bus): room may have been
-        given back, so the next open that finds none reads the ledger again."""
+    def changed(self, workspace_id: str, value: bytes = b"") -> None:
+        """Some process wrote the workspace's ledger (heard on the bus, `value` as written):
+        room may have been given back, so the next open that finds none reads the ledger again.
+        A process marked short is given this one's spare slots."""
         self._full.pop(workspace_id, None)
         if workspace_id in self._locks:
             self._changes[workspace_id] = self._changes.get(workspace_id, 0) + 1
+        asking = self._asking.get(workspace_id)
+        if asking is None and workspace_id not in self.held:
+            return
+        heard = parse(value)
+        spares = others_spare(heard, self.replica)
+        if asking is not None and spares < asking[0] and not asking[1].done():
+            asking[1].set_result(None)
+        mine = heard.get(self.replica)
+        now = self.clock()
+        if (
+            mine is not None
+            and mine.spare
+            and any(g.short_at(now) for r, g in heard.items() if r != self.replica)
+        ):
+            self._give_spares(workspace_id)
+
+    def _give_spares(self, workspace_id: str) -> None:
+        if workspace_id in self._giving:
+            return
+
+        async def give() -> None:
+            try:
+                with contextlib.suppress(LedgerUnavailable):
+                    async with self._lock(workspace_id):
+                        used = self.used.get(workspace_id, 0)
+                        await self._settle(workspace_id, used, announce=True)
+            finally:
+                del self._giving[workspace_id]
+                self._forget_if_idle(workspace_id)
+
+        self._giving[workspace_id] = asyncio.get_running_loop().create_task(give())
 
     def count_untaken(self, workspace_id: str) -> None:
         """A stream admitted without a slot (the ledger was unavailable): counted, so that the
@@ -166,6 +218,7 @@ class StreamSlots:
         """At shutdown (after the drain): this process holds nothing any more. If the ledger
         does not answer, the rest is left to expire with this process's heartbeat rather than
         each workspace waiting out its own timeout."""
+        await cancel_and_wait(list(self._giving.values()))
         self.used.clear()
         for workspace_id in list(self.held):
             try:
@@ -193,10 +246,13 @@ class StreamSlots:
             lock = self._locks[workspace_id] = asyncio.Lock()
         return lock
 
-    async def _settle(self, workspace_id: str, need: int, *, growing: bool = False) -> None:
-        """Writes this process's grant for `need` streams (a grow, or a trim when `growing` is
-        False and it holds more than it may keep). Holds the workspace's lock."""
-        fresh = False
+    async def _settle(
+        self, workspace_id: str, need: int, *, growing: bool = False, announce: bool = False
+    ) -> None:
+        """Writes this process's grant for `need` streams (a grow, with spare slots; or a trim
+        when `growing` is False and it holds more than it may keep, or when `announce` and the
+        ledger still shows it spare slots). Holds the workspace's lock."""
+        fresh = asked = False
         read_at, changes = 0.0, 0
         for _attempt in range(ATTEMPTS):
             if workspace_id not in self._known:
@@ -205,9 +261,37 @@ class StreamSlots:
                 fresh = True
             ledger, revision = self._known[workspace_id]
             now = self.clock()
-            target = plan(ledger, self.replica, need, self.limit, now, self.alive)
+            target = plan(
+                ledger,
+                self.replica,
+                need,
+                self.limit,
+                now,
+                self.alive,
+                spare=min(SPARE_MAX, need) if growing else 0,
+                may_ask=growing and not asked,
+            )
             held = self.held.get(workspace_id, 0)
             trusted = self._trusted(workspace_id)  # if not, write even an unchanged grant
+            mine = ledger.get(self.replica)
+            if target.short and not fresh:
+                del self._known[workspace_id]  # ask the others only on a ledger just read
+                continue
+            if target.short:
+                asked = True
+                marked = mine is not None and mine.short_at(now) and target.slots <= held
+                # Listening before the write: the others may answer it at once.
+                spares = others_spare(ledger, self.replica)
+                hint = self._listen_for_spares(workspace_id, spares)
+                try:
+                    if not marked:
+                        await self._write_grant(workspace_id, target, revision, now)
+                        if workspace_id not in self._known:
+                            continue  # another process wrote first: read it again
+                    await self._wait_for_spares(workspace_id, spares, hint)
+                finally:
+                    self._asking.pop(workspace_id, None)
+                continue  # decide on the ledger as read after their answer
             if growing and target.slots <= held and trusted:
                 if not fresh:
                     # What was known says there is no room; others may have given some back.
@@ -216,25 +300,66 @@ class StreamSlots:
                 if self._changes.get(workspace_id, 0) == changes:
                     self._full[workspace_id] = read_at  # no write was heard during the read
                 return  # no room, on a ledger just read
-            if not growing and target.slots >= held and trusted:
+            # What the ledger says this process holds: more than `held` after a give-back
+            # whose write lost a race (`held` drops before the write).
+            written = 0 if mine is None else mine.slots
+            stale_spares = announce and mine is not None and mine.spare > 0
+            kept = target.slots >= max(held, written)
+            if not growing and kept and trusted and not stale_spares:
                 return  # nothing to give back
-            if target.slots < held:
-                # Giving back is safe at once; taking waits for the write.
-                self.held[workspace_id] = target.slots
-            try:
-                revision = await self._write(workspace_id, target.ledger, revision)
-            except KeyWrongLastSequenceError:
-                del self._known[workspace_id]  # another process wrote first: read it again
-                continue
-            self._known[workspace_id] = (target.ledger, revision)
-            self._full.pop(workspace_id, None)
-            self._written[workspace_id] = now
-            self.held[workspace_id] = target.slots
-            if not target.slots:
-                self.held.pop(workspace_id, None)
-                self._written.pop(workspace_id, None)
-            return
+            await self._write_grant(workspace_id, target, revision, now)
+            if workspace_id in self._known:
+                return
+            # Another process wrote first: read it again.
         raise LedgerUnavailable(f"the ledger of {workspace_id} changed {ATTEMPTS} times")
+
+    def _listen_for_spares(self, workspace_id: str, spares: int) -> asyncio.Future[None]:
+        """A future that a ledger write heard sets when it leaves the others fewer than
+        `spares` spare slots (`changed`)."""
+        hint: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asking[workspace_id] = (spares, hint)
+        return hint
+
+    async def _wait_for_spares(
+        self, workspace_id: str, spares: int, hint: asyncio.Future[None]
+    ) -> None:
+        """Waits, at most `SHORT_WAIT`, until a read shows the other processes holding fewer
+        than `spares` spare slots, and leaves the last read as the ledger known. A write heard
+        is only a hint: a compare-and-set that lost its race is heard too, though never stored."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHORT_WAIT
+        self._known.pop(workspace_id, None)
+        while (left := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(hint, left)
+            except TimeoutError:
+                return
+            self._known[workspace_id] = await self._read(workspace_id)
+            if others_spare(self._known[workspace_id][0], self.replica) < spares:
+                return
+            del self._known[workspace_id]
+            hint = self._listen_for_spares(workspace_id, spares)
+
+    async def _write_grant(
+        self, workspace_id: str, target: Plan, revision: int, now: float
+    ) -> None:
+        """Writes the planned ledger; on a lost race, forgets the ledger known (to read it)."""
+        if target.slots < self.held.get(workspace_id, 0):
+            # Giving back is safe at once; taking waits for the write.
+            self.held[workspace_id] = target.slots
+        try:
+            revision = await self._write(workspace_id, target.ledger, revision)
+        except KeyWrongLastSequenceError:
+            del self._known[workspace_id]
+            return
+        self._known[workspace_id] = (target.ledger, revision)
+        self._full.pop(workspace_id, None)
+        self._written[workspace_id] = now
+        self.held[workspace_id] = target.slots
+        if not target.slots:
+            self.held.pop(workspace_id, None)
+            if not target.short:
+                self._written.pop(workspace_id, None)
 
     async def _read(self, workspace_id: str) -> tuple[Ledger, int]:
         try:
