@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from nats.js.errors import KeyWrongLastSequenceError
@@ -331,3 +332,27 @@ async def test_a_give_back_whose_write_lost_a_race_is_written_again(
 
         assert await eventually(b_opened, within=5)
         assert lost == 1
+
+
+async def test_a_short_mark_nobody_answers_delays_one_open_not_every_one(
+    own_nats: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with two_processes(own_nats.client_url) as (a, b):
+        assert await open_many(a, 1) == 1
+        spare = a.slots.held["ws_a"] - 1
+        assert spare > 0
+        monkeypatch.setattr(a.slots, "_give_spares", lambda _workspace_id: None)  # stuck
+        monkeypatch.setattr("switchboard.limits.slots.FULL_GRACE", 0.0)  # every open reads
+        waits = 0
+        real_wait = b.slots._wait_for_spares
+
+        async def counted_wait(*args: Any) -> None:
+            nonlocal waits
+            waits += 1
+            await real_wait(*args)
+
+        monkeypatch.setattr(b.slots, "_wait_for_spares", counted_wait)
+        opened = [(await b.open_stream("ws_a")).allowed for _ in range(LIMIT)]
+        # Every slot A does not hold, and none of the spares it would not give back.
+        assert sum(opened) == LIMIT - 1 - spare
+        assert waits == 1

@@ -30,6 +30,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from switchboard.limits.grants import (
+    SHORT_FRESH,
     SPARE_MAX,
     Ledger,
     Plan,
@@ -101,6 +102,7 @@ class StreamSlots:
         # what its open waits on (a write that leaves them fewer).
         self._asking: dict[str, tuple[int, asyncio.Future[None]]] = {}
         self._giving: dict[str, asyncio.Task[None]] = {}  # spares being given back
+        self._unanswered_at: dict[str, float] = {}  # when a wait for spares last timed out
 
     async def take(self, workspace_id: str) -> bool:
         """Takes a slot for one more stream: True when it is this process's, False when every
@@ -210,6 +212,7 @@ class StreamSlots:
             self._changes.pop(workspace_id, None)
             self._known.pop(workspace_id, None)
             self._written.pop(workspace_id, None)
+            self._unanswered_at.pop(workspace_id, None)
             # A recent "no room" stays: it is what spares the bus a read per refused open.
             if not self._found_full(workspace_id, self.clock()):
                 self._full.pop(workspace_id, None)
@@ -226,6 +229,13 @@ class StreamSlots:
                     await self._settle(workspace_id, 0)
             except LedgerUnavailable:
                 return
+
+    def _unanswered(self, workspace_id: str) -> bool:
+        at = self._unanswered_at.get(workspace_id)
+        if at is not None and self.clock() - at >= SHORT_FRESH:
+            del self._unanswered_at[workspace_id]
+            at = None
+        return at is not None
 
     def _found_full(self, workspace_id: str, arrived: float) -> bool:
         return self._full.get(workspace_id, -FULL_GRACE) >= arrived - FULL_GRACE
@@ -269,7 +279,7 @@ class StreamSlots:
                 now,
                 self.alive,
                 spare=min(SPARE_MAX, need) if growing else 0,
-                may_ask=growing and not asked,
+                may_ask=growing and not asked and not self._unanswered(workspace_id),
             )
             held = self.held.get(workspace_id, 0)
             trusted = self._trusted(workspace_id)  # if not, write even an unchanged grant
@@ -333,6 +343,9 @@ class StreamSlots:
             try:
                 await asyncio.wait_for(hint, left)
             except TimeoutError:
+                # Not answered (a process alive but stuck): the opens behind this one do not
+                # each wait too; the reads decide until the mark is stale.
+                self._unanswered_at[workspace_id] = self.clock()
                 return
             self._known[workspace_id] = await self._read(workspace_id)
             if others_spare(self._known[workspace_id][0], self.replica) < spares:
