@@ -253,6 +253,8 @@ def phase(
         for _process, mine in floods:
             mine.send("go")
     cpu_before = tree_cpu(server)
+    flooders = [psutil.Process(process.pid) for process, _mine in floods]
+    flooders_before = sum(_cpu(f) for f in flooders)
 
     async def run() -> tuple[int, list[float]]:
         stop = asyncio.Event()
@@ -266,6 +268,7 @@ def phase(
     sent, rest = asyncio.run(run())
     time.sleep(1.0)  # the last frames in flight
     cpu = tree_cpu(server) - cpu_before
+    flooders_cpu = sum(_cpu(f) for f in flooders) - flooders_before
     parent.send("stop")
     _tag, frames, latencies, _busy = parent.recv()
     victim.join(30)
@@ -293,8 +296,15 @@ def phase(
         "flooder_admitted_per_s": round(admitted / flood_seconds) if flood_seconds else 0,
         "flooder_streams_paced": flood_open.get("streams_paced", 0),
         "server_cpu_seconds": round(cpu, 2),
+        # The load the flooder's own client puts on this box, which its real one would not.
+        "flooder_client_cpu_seconds": round(flooders_cpu, 2),
         "load1": os.getloadavg()[0],
     }
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -90,4 +90,6 @@ def test_tenants_benchmark_runs_and_the_victim_gets_every_frame() -> None:
         assert phase["victim_rest_ms_p50"] > 0
     assert flood["flooder_streams_open"] == 30 and flood["flooder_requests_admitted"] > 0
     assert quiet["flooder_requests_admitted"] == 0
+    # The flooder's client is measured too: its load shares the box with the server's.
+    assert flood["flooder_client_cpu_seconds"] > 0 == quiet["flooder_client_cpu_seconds"]
     assert set(result["ratio_flood_over_quiet"]) >= {"victim_stream_ms_p99"}
