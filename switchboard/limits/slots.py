@@ -288,7 +288,6 @@ class StreamSlots:
                 del self._known[workspace_id]  # ask the others only on a ledger just read
                 continue
             if target.short:
-                asked = True
                 marked = mine is not None and mine.short_at(now) and target.slots <= held
                 # Listening before the write: the others may answer it at once.
                 spares = others_spare(ledger, self.replica)
@@ -298,6 +297,7 @@ class StreamSlots:
                         await self._write_grant(workspace_id, target, revision, now)
                         if workspace_id not in self._known:
                             continue  # another process wrote first: read it again
+                    asked = True
                     await self._wait_for_spares(workspace_id, spares, hint)
                 finally:
                     self._asking.pop(workspace_id, None)
