@@ -84,7 +84,11 @@ class StreamSlots:
         self.clock = clock
         self.alive = alive  # whether another replica still beats (wall clock of its last write)
         self.trusted = trusted  # whether this process's own heartbeat is recent
-        self.used: dict[str, int] = {}  # this process's open streams
+        # Slots taken by this process's streams. The same number as the book's own streams
+        # once an admission is done, but counted here, in the same step as the check that a
+        # slot is free: deriving it from the book would make exactness depend on no await ever
+        # coming between `take` and the book's count.
+        self.used: dict[str, int] = {}
         self.held: dict[str, int] = {}  # the slots its grants give it
         self._waiting: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
