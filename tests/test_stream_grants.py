@@ -53,7 +53,13 @@ def test_a_process_short_of_slots_the_others_hold_spare_is_marked_and_stops_thei
     after_give_back = {**short.ledger, "a": Grant(4, NOW, 4)}
     assert plan(after_give_back, "a", 5, 10, NOW + 1, everyone_alive, spare=5).slots == 5
     later = plan(after_give_back, "a", 5, 10, NOW + SHORT_FRESH + 1, everyone_alive, spare=5)
-    assert later.slots == 10 and set(later.ledger) == {"a"}
+    assert later.slots == 7 and set(later.ledger) == {"a"}  # spares: half of what is left
+
+
+def test_spare_slots_take_at_most_half_of_what_is_left() -> None:
+    assert plan({}, "a", 10, 1000, NOW, everyone_alive, spare=10).slots == 20
+    assert plan({"b": Grant(980, NOW)}, "a", 10, 1000, NOW, everyone_alive, spare=10).slots == 15
+    assert plan({"b": Grant(989, NOW)}, "a", 10, 1000, NOW, everyone_alive, spare=10).slots == 10
 
 
 def test_grants_never_sum_past_the_limit_whoever_asks_and_in_any_order() -> None:
@@ -343,6 +349,7 @@ async def test_a_short_mark_nobody_answers_delays_one_open_not_every_one(
         assert spare > 0
         monkeypatch.setattr(a.slots, "_give_spares", lambda _workspace_id: None)  # stuck
         monkeypatch.setattr("switchboard.limits.slots.FULL_GRACE", 0.0)  # every open reads
+        monkeypatch.setattr("switchboard.limits.slots.SHORT_WAIT", 0.2)
         waits = 0
         real_wait = b.slots._wait_for_spares
 

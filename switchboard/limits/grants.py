@@ -8,7 +8,8 @@ its grant only by compare-and-set on the whole ledger. So the grants of all live
 sum past the limit, however late anything is heard, and neither do their open streams.
 
 A grow asks for the process's open streams and the opens waiting (one write covers every open
-that waits on it), plus as many again as spare slots, up to `SPARE_MAX`: so an open storm
+that waits on it), plus as many again as spare slots, up to `SPARE_MAX` and at most half of
+what is left: so an open storm
 writes the ledger a few dozen times rather than once every few opens (each write holds the
 opens behind it, and what they hold raised a gateway's memory by a fifth). Spare slots must
 never keep a stream out, so each grant also says how many of its slots were busy when written,
@@ -116,7 +117,10 @@ def plan(
     room = max(0, limit - sum(g.slots for g in others.values()))
     need = max(0, need)
     someone_short = any(g.short_at(now) for g in others.values())
-    slots = min(need + (0 if someone_short else max(0, spare)), room)
+    # Spares take at most half of what is left: near the limit they shrink to nothing, so the
+    # last slots go to the processes whose streams need them, without asking.
+    extra = 0 if someone_short else min(max(0, spare), max(0, room - need) // 2)
+    slots = min(need, room) + extra
     short = may_ask and slots < need and others_spare(others, me) > 0
     new = dict(others)
     if slots or short:

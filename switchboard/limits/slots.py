@@ -59,8 +59,9 @@ OUTAGE_SECONDS = 5.0
 # back is seen by the next open, however soon.
 FULL_GRACE = 1.0
 # Seconds an open that marked this process short waits for the others to give spare slots back
-# (a write each, milliseconds on a live process); then the ledger as read decides.
-SHORT_WAIT = 0.5
+# (a write each, milliseconds on a live process, longer on one whose loop lags under load);
+# then the ledger as read decides. As long as the ledger itself may take to answer.
+SHORT_WAIT = LEDGER_TIMEOUT
 
 
 class LedgerUnavailable(Exception):
