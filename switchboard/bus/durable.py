@@ -21,6 +21,7 @@ from nats.js.errors import FetchTimeoutError
 
 from switchboard.bus import Bus, parking
 from switchboard.db import Connection, Database
+from switchboard.db.scoped import savepoint
 from switchboard.events import EVENTS_STREAM, EventError, check_envelope, subject_mismatch
 from switchboard.live.metrics import Metrics
 from switchboard.outage import OutageLog, unavailable_dependency
@@ -235,7 +236,7 @@ class EventConsumer:
         async with self.database.workspace(workspace_id) as conn:
             for _msg, envelope in events:
                 try:
-                    async with conn.transaction():  # a savepoint
+                    async with savepoint(conn):
                         await self._apply_in(conn, envelope)
                     outcomes.append(None)
                 except (asyncio.CancelledError, KeyboardInterrupt):
@@ -277,14 +278,14 @@ class EventConsumer:
     async def _apply_in(self, conn: Connection, envelope: dict[str, Any]) -> None:
         """Applies the event, or keeps it waiting for the call or conversation it needs."""
         try:
-            async with conn.transaction():  # a savepoint: a NotYet undoes what it began
+            async with savepoint(conn):  # a NotYet undoes what it began
                 await self.handler(conn, envelope)
             return
         except NotYet as later:
             parent_id = later.parent_id
         await parking.hold_parent(conn, parent_id)
         try:
-            async with conn.transaction():  # a savepoint: the parent may be recorded by now
+            async with savepoint(conn):  # the parent may be recorded by now
                 await self.handler(conn, envelope)
         except NotYet as still:
             await parking.wait_for(conn, self.durable, envelope, still.parent_id, str(still))

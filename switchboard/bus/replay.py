@@ -7,6 +7,7 @@ from __future__ import annotations
 from switchboard.bus import parking
 from switchboard.bus.durable import Handler, NotYet
 from switchboard.db import Database
+from switchboard.db.scoped import savepoint
 from switchboard.outage import unavailable_dependency
 from switchboard.recorder.effects import apply
 from switchboard.webhooks.router import DURABLE as ROUTER
@@ -24,7 +25,7 @@ async def replay(database: Database, workspace_id: str, event_id: str) -> list[t
     async with database.workspace(workspace_id) as conn:
         for consumer, envelope in await parking.take_parked(conn, event_id):
             try:
-                async with conn.transaction():
+                async with savepoint(conn):
                     await handler_for(consumer)(conn, envelope)
                 outcomes.append((consumer, "applied"))
             except NotYet as later:

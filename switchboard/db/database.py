@@ -20,6 +20,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from switchboard.db.commits import commit_starting
 from switchboard.db.migrate import apply_migrations
+from switchboard.db.scoped import scoped_transaction
 from switchboard.db.shares import WorkspaceShares, share_of
 
 log = logging.getLogger(__name__)
@@ -255,9 +256,8 @@ class Database:
         async with (
             self.shares.turn(workspace_id),
             self.pool.acquire() as conn,
-            conn.transaction(),
+            scoped_transaction(conn, workspace_id),
         ):
-            await conn.execute("SELECT set_config('app.workspace_id', $1, true)", workspace_id)
             yield conn
             # Reached only when the body did not raise: the transaction commits next, and from
             # here the request must not be answered with an error (db/commits.py).

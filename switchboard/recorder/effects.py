@@ -12,6 +12,7 @@ import orjson
 from switchboard.bus import parking
 from switchboard.bus.durable import NotYet, Unrecordable
 from switchboard.db import Connection
+from switchboard.db.scoped import savepoint
 from switchboard.ids import parse_iso
 from switchboard.outage import unavailable_dependency
 
@@ -166,7 +167,7 @@ async def _release_waiting(conn: Connection, parent_id: str) -> None:
     await parking.hold_parent(conn, parent_id)
     for waiting in await parking.take_waiting(conn, parent_id):
         try:
-            async with conn.transaction():
+            async with savepoint(conn):
                 await apply(conn, waiting)
         except Exception as failure:
             if unavailable_dependency(failure) is not None:
