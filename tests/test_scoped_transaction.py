@@ -10,18 +10,22 @@ import pytest
 
 from switchboard.db import connect_database
 from switchboard.db.scoped import begin_statement, savepoint, scoped_transaction
+from switchboard.ids import new_id
 from tests.harness import Workspace
 
 
-def test_only_a_plain_id_is_written_into_sql_text() -> None:
-    assert begin_statement("ws_3kTq9") == (
-        "BEGIN; SELECT set_config('app.workspace_id', 'ws_3kTq9', true)"
+def test_only_a_well_formed_workspace_id_is_written_into_sql_text() -> None:
+    workspace_id = new_id("ws")
+    assert begin_statement(workspace_id) == (
+        f"BEGIN; SELECT set_config('app.workspace_id', '{workspace_id}', true)"
     )
     for unsafe in ("", "ws'; DROP TABLE calls; --", "ws\\x", "ws x", "ws;x", "w" * 65, "ws-é"):
         assert begin_statement(unsafe) is None, unsafe
+        if unsafe:  # nor a well-formed id with anything after it
+            assert begin_statement(workspace_id + unsafe) is None, unsafe
 
 
-@pytest.mark.parametrize("workspace_id", ["ws_plain123", "ws'quoted; --"])
+@pytest.mark.parametrize("workspace_id", [new_id("ws"), "ws'quoted; --"])
 async def test_the_workspace_is_set_for_the_transaction_and_only_for_it(
     database_url: str, workspace_id: str
 ) -> None:

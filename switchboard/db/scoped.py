@@ -4,8 +4,9 @@ asyncpg's `Connection.transaction()` sends `BEGIN` alone, and `app.workspace_id`
 statement of its own: two round trips before the first query of every request. Sent together
 as one simple query they are one, about 60 µs of the gateway's CPU and 20 µs of Postgres' per
 transaction (docs/decisions.md). A simple query takes no parameters, so the workspace id goes
-into the text only when it is a plain id (letters, digits, underscores: what `new_id` makes);
-anything else takes the two round trips with the id as a parameter, as before.
+into the text only when it is a well-formed workspace id (`ids.is_id`: a prefix and base62,
+nothing that could end a literal); anything else takes the two round trips with the id as a
+parameter, as before.
 
 asyncpg refuses its own `transaction()` inside a transaction it did not begin, so nested work
 takes `savepoint()` instead."""
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 from collections.abc import AsyncIterator
 from typing import Protocol
+
+from switchboard.ids import is_id
 
 
 class Executes(Protocol):
@@ -27,16 +29,14 @@ class Executes(Protocol):
     def is_closed(self) -> bool: ...
 
 
-# Nothing that could end the literal or the statement: no quote, backslash, semicolon or space.
-_PLAIN_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 _SET_WORKSPACE = "SELECT set_config('app.workspace_id', $1, true)"
 _savepoints = itertools.count(1)
 
 
 def begin_statement(workspace_id: str) -> str | None:
-    """`BEGIN` and the workspace's setting in one statement, or None when the id is not plain
-    enough to be written into SQL text."""
-    if not _PLAIN_ID.fullmatch(workspace_id):
+    """`BEGIN` and the workspace's setting in one statement, or None when the id is not a
+    well-formed workspace id, which alone may be written into SQL text."""
+    if not is_id(workspace_id, "ws"):
         return None
     return f"BEGIN; SELECT set_config('app.workspace_id', '{workspace_id}', true)"
 
