@@ -236,11 +236,10 @@ class StreamSlots:
                 return
 
     def _unanswered(self, workspace_id: str) -> bool:
-        at = self._unanswered_at.get(workspace_id)
-        if at is not None and self.clock() - at >= SHORT_FRESH:
-            del self._unanswered_at[workspace_id]
-            at = None
-        return at is not None
+        """Whether a wait for spares timed out within `SHORT_FRESH` (the entry goes when the
+        workspace is forgotten)."""
+        at = self._unanswered_at.get(workspace_id, -SHORT_FRESH)
+        return self.clock() - at < SHORT_FRESH
 
     def _found_full(self, workspace_id: str, arrived: float) -> bool:
         return self._full.get(workspace_id, -FULL_GRACE) >= arrived - FULL_GRACE
