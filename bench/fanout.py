@@ -211,14 +211,15 @@ def tree_cpu_by_name(server: psutil.Process) -> dict[str, float]:
     return by_name
 
 
-def tree_pss(server: psutil.Process) -> int:
-    """Proportional set size of the whole tree: shared pages (Postgres' buffers, the
-    interpreter) counted once, not once per process."""
-    total = 0
+def tree_pss_by_name(server: psutil.Process) -> dict[str, int]:
+    """Proportional set size of the whole tree, by process name (as `tree_cpu_by_name`):
+    shared pages (Postgres' buffers, the interpreter) counted once, not once per process."""
+    by_name: dict[str, int] = {}
     for process in tree(server):
         with contextlib.suppress(psutil.Error):
-            total += process.memory_full_info().pss
-    return total
+            name = process.name()
+            by_name[name] = by_name.get(name, 0) + process.memory_full_info().pss
+    return by_name
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -226,6 +227,9 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+HANDOFFS = "switchboard_stream_handoffs_total"
 
 
 def metric(text: str, name: str) -> float:
@@ -340,7 +344,7 @@ def _measure(
     for n in range(args.streams):
         kind = ("sse", "ws")[n % 2] if args.kind == "mixed" else args.kind
         streams.append((kind, calls[n % len(calls)]))
-    pss_before = tree_pss(server)
+    pss_before = tree_pss_by_name(server)
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     for w in range(args.workers):
@@ -354,7 +358,7 @@ def _measure(
             raise RuntimeError("a client worker did not open its streams (see its traceback)")
     opened = sum(pipe.recv()[1] for pipe in pipes)
     time.sleep(1.0)  # let the server settle after the connection storm before measuring memory
-    pss_open = tree_pss(server)
+    pss_open = tree_pss_by_name(server)
     metrics_before = http.get("/metrics").text
     cpu_before = tree_cpu_by_name(server)
     nats_url = orjson.loads((data_dir / "run.json").read_bytes())["nats_url"]
@@ -392,6 +396,12 @@ def _measure(
         "frames_expected": expected,
         "frames_delivered": frames,
         "frames_dropped_server": int(dropped),
+        # Stream affinity (api/affinity.py): connections passed to the worker that owns their
+        # call, and those served where they landed because the owner could not take them.
+        "stream_handoffs": {
+            outcome: int(metric(metrics_after, f'{HANDOFFS}{{outcome="{outcome}"}}'))
+            for outcome in ("passed", "kept")
+        },
         "latency_ms_p50": round(percentile(latencies, 0.50) * 1000, 2),
         "latency_ms_p95": round(percentile(latencies, 0.95) * 1000, 2),
         "latency_ms_p99": round(percentile(latencies, 0.99) * 1000, 2),
@@ -401,8 +411,14 @@ def _measure(
         "server_workers": args.server_workers or "default",
         "burst": args.burst,
         "cpu_s_per_100k_frames": round(cpu_used / max(1, frames) * 1e5, 2),
-        "server_pss_mib_open": round(pss_open / 2**20, 1),
-        "pss_kib_per_stream": round((pss_open - pss_before) / 1024 / max(1, opened), 1),
+        "server_pss_mib_open": round(sum(pss_open.values()) / 2**20, 1),
+        "pss_kib_per_stream": round(
+            (sum(pss_open.values()) - sum(pss_before.values())) / 1024 / max(1, opened), 1
+        ),
+        "pss_kib_per_stream_by_process": {
+            name: round((pss - pss_before.get(name, 0)) / 1024 / max(1, opened), 2)
+            for name, pss in sorted(pss_open.items())
+        },
         # CPU each client worker used while events flowed, as a share of one core: well under
         # 1.0 means the load generator kept up and the figures are the server's.
         "client_worker_core_share": [round(c / (args.seconds + 1.0), 2) for c in client_cpu],

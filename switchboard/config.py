@@ -60,6 +60,10 @@ class Settings:
     # core, more connections only queue inside Postgres, and each costs a backend process
     # (about 1.4 MiB) that an open storm would otherwise leave behind (docs/decisions.md).
     database_pool_size: int = 8
+    # Under `serve --workers N`, a call's or conversation's streams are all served by one
+    # worker, which the others pass their connections to (api/affinity.py); false serves each
+    # stream where the kernel placed it.
+    stream_affinity: bool = True
     # The application role's password; unset, a random one kept in the database is used.
     app_role_password: str | None = field(default=None, repr=False)
 

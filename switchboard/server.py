@@ -11,6 +11,7 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import orjson
 import uvicorn
 
 from switchboard import __version__
+from switchboard.api.affinity import Handoffs
 from switchboard.api.deps import Services
 from switchboard.auth.authenticator import Authenticator
 from switchboard.bus import connect_bus
@@ -276,13 +278,46 @@ class GatewayServer(uvicorn.Server):
     process before it stops the embedded Postgres and NATS)."""
 
     def __init__(
-        self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]] | None = None
+        self,
+        config: uvicorn.Config,
+        drain: Callable[[], Awaitable[None]] | None = None,
+        handoffs: Handoffs | None = None,
     ) -> None:
         super().__init__(config)
         self.listening = asyncio.Event()
         self.drain = drain
+        self.handoffs = handoffs
+        self._adopting: set[asyncio.Task[None]] = set()
+
+    def adopt(self, sock: socket.socket, head: bytes) -> None:
+        """Serves a connection another worker passed here with the bytes it had read
+        (api/affinity.py), as if this server had accepted it."""
+        from switchboard.api.http_protocol import GatewayHttpProtocol
+
+        config = self.config
+
+        def protocol() -> asyncio.Protocol:
+            made = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+            assert isinstance(made, GatewayHttpProtocol)
+            made.adopted = head  # parsed first, before anything read from the socket
+            return made
+
+        async def take() -> None:
+            try:
+                await asyncio.get_running_loop().connect_accepted_socket(protocol, sock)
+            except OSError:
+                sock.close()  # the client left meanwhile
+
+        task = asyncio.get_running_loop().create_task(take())
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Take no more connections passed from other workers: they serve those themselves.
+        if self.handoffs is not None:
+            self.handoffs.close()
         # Stop accepting at once: the drain takes a while, and its clients reconnect elsewhere.
         for server in self.servers:
             server.close()
@@ -327,7 +362,9 @@ class GatewayServer(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
-def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(
+    app: Any, settings: Settings, handoffs: Handoffs | None = None
+) -> uvicorn.Config:
     from switchboard.api.http_protocol import GatewayHttpProtocol, GatewayWebSocketProtocol
 
     return uvicorn.Config(
@@ -340,6 +377,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
             {
                 "max_head_bytes": settings.max_header_bytes,
                 "early_refusal": getattr(app, "early_refusal", None),
+                "handoffs": handoffs,
             },
         ),
         ws=GatewayWebSocketProtocol,
@@ -483,6 +521,14 @@ def serve(
     # The port first: when it is taken, nothing is started or created (PortUnavailable).
     sock = bind_socket(settings.host, settings.port) if serves_api else None
     supervisor: Supervisor | None = None
+    gateways = [plan for plan in plans if API in plan.roles]
+    # Where the gateways pass each other stream connections (api/affinity.py): a directory only
+    # this user may enter, removed when the serve stops.
+    handoffs = (
+        tempfile.TemporaryDirectory(prefix="switchboard-")
+        if len(gateways) > 1 and settings.stream_affinity
+        else None
+    )
     try:
         backends = start_backends(settings, len(plans))
         try:
@@ -505,6 +551,9 @@ def serve(
                     first.demo_workspace if plan is home else None,
                     serve_id=serve_id,
                     processes=len(plans),
+                    gateway_index=gateways.index(plan) if plan in gateways else 0,
+                    gateways=len(gateways),
+                    handoff_dir=handoffs.name if handoffs is not None else "",
                 )
                 for plan in plans
             ]
@@ -535,6 +584,8 @@ def serve(
     finally:
         if sock is not None:
             sock.close()
+        if handoffs is not None:
+            handoffs.cleanup()
 
 
 def run(coroutine: Any) -> Any:

@@ -23,11 +23,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from switchboard.config import Settings
 
 if TYPE_CHECKING:
+    from switchboard.api.affinity import Handoffs
     from switchboard.api.deps import Services
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,11 @@ class WorkerSpec:
     demo_workspace: str | None  # the simulator runs in the process that has it
     serve_id: str = ""  # names this serve's processes to each other (summed /metrics)
     processes: int = 1  # how many processes the serve runs
+    # Stream affinity (api/affinity.py): this gateway's index among `gateways`, and the
+    # directory where they pass connections to each other ("": none).
+    gateway_index: int = 0
+    gateways: int = 1
+    handoff_dir: str = ""
 
 
 def open_socket(host: str, port: int, *, reuse_port: bool, listen: bool) -> socket.socket:
@@ -213,12 +220,17 @@ async def serve_roles(spec: WorkerSpec, parent: Connection) -> None:
             await stop.wait()
             return
         sock = open_socket(spec.host, spec.port, reuse_port=True, listen=True)
+        handoffs = stream_handoffs(spec, services)
         server = GatewayServer(
-            uvicorn_config(create_app(services), spec.settings), drain=draining(services)
+            uvicorn_config(create_app(services), spec.settings, handoffs),
+            drain=draining(services),
+            handoffs=handoffs,
         )
 
         async def announce_when_listening() -> None:
             await server.listening.wait()
+            if handoffs is not None:
+                handoffs.open(server.adopt)
             parent.send(("ready", os.getpid()))
 
         announcing = asyncio.create_task(announce_when_listening())
@@ -229,6 +241,22 @@ async def serve_roles(spec: WorkerSpec, parent: Connection) -> None:
             sock.close()
     finally:
         await close_services(services)
+
+
+def stream_handoffs(spec: WorkerSpec, services: Services) -> Handoffs | None:
+    """This gateway's end of stream affinity, when the serve runs several (api/affinity.py)."""
+    from switchboard.api.affinity import Handoffs
+
+    if spec.gateways < 2 or not spec.handoff_dir or not spec.settings.stream_affinity:
+        return None
+    counts = services.metrics.counter(
+        "switchboard_stream_handoffs_total",
+        "Stream connections by what stream affinity did with them: passed to the worker that "
+        "owns their call or conversation, adopted from another worker, or kept (the owner "
+        "could not take them at once).",
+        "outcome",
+    )
+    return Handoffs(Path(spec.handoff_dir), spec.gateway_index, spec.gateways, counts)
 
 
 # --- the supervisor -------------------------------------------------------------------------

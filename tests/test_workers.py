@@ -23,6 +23,7 @@ import pytest
 
 from switchboard.bus import connect_bus
 from switchboard.embedded import EmbeddedNats
+from switchboard.events import call_transcript_subject
 from switchboard.limits.book import seconds_to_reset
 from switchboard.producer import Producer
 from switchboard.workers import ProcessPlan, plan_processes, simulator_home
@@ -230,6 +231,100 @@ async def test_two_workers_share_the_port_and_revocations_and_drains_reach_both(
             assert await running.process.wait() == 0
         gone, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive and len(gone) >= 2
+
+
+CALLS = 12  # every call owned by one process by chance: 2 x 2^-12
+
+
+async def open_call_streams(url: str, key: str, token: str, call_id: str) -> list[Connection]:
+    """Two transcript streams (one as a browser opens it, with a stream token in `?token=`) and
+    a WebSocket on a call, each on a connection of its own, their answers read."""
+    opened = []
+    upgrade = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+    bearer = f"Authorization: Bearer {key}\r\n"
+    for target, extra in (
+        (f"/v1/calls/{call_id}/transcript/stream", bearer),
+        (f"/v1/calls/{call_id}/transcript/stream?token={token}", ""),
+        (f"/v1/calls/{call_id}/stream", bearer + upgrade),
+    ):
+        connection = await Connection.open(url)
+        connection.writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+        answer = await connection.reader.readuntil(b"\r\n\r\n")
+        status = b"HTTP/1.1 101" if "Upgrade" in extra else b"HTTP/1.1 200"
+        assert answer.startswith(status), answer
+        opened.append(connection)
+    return opened
+
+
+def sole_holder(serve: Serve, streams: list[Connection]) -> int | None:
+    """The process holding every one of these streams, if one process holds them all."""
+    held = accepted_by(serve, streams)
+    if len(held) == 1 and sum(held.values()) == len(streams):
+        return next(iter(held))
+    return None
+
+
+@pytest.mark.slow
+async def test_each_calls_streams_are_served_by_the_one_worker_that_owns_the_call(
+    own_database: str, nats_of_its_own: str, tmp_path: Path
+) -> None:
+    workspace = await new_workspace(own_database)
+    async with serve(
+        own_database, nats_of_its_own, "--workers", "2", "--role", "api", data_dir=tmp_path / "d"
+    ) as running:
+        assert running.url is not None
+        async with httpx.AsyncClient(base_url=running.url, headers=workspace.headers) as http:
+            body = {"to_number": "+14155550100", "from_number": "+14155550101"}
+            calls = [(await http.post("/v1/calls", json=body)).json()["id"] for _ in range(CALLS)]
+            tokens = {
+                call: (await http.post("/v1/stream-tokens", json={"call_id": call})).json()["token"]
+                for call in calls
+            }
+        streams = {
+            call: await open_call_streams(running.url, workspace.key, tokens[call], call)
+            for call in calls
+        }
+        # Whichever process accepted a connection, the one that owns its call holds it.
+        owners = {
+            call: await eventually(lambda h=held: sole_holder(running, h))
+            for call, held in streams.items()
+        }
+        assert len(set(owners.values())) == 2, f"one process owns every call: {owners}"
+        # And serves them: a turn reaches every stream of its call, the WebSocket's events too.
+        bus = await connect_bus(nats_of_its_own)
+        try:
+            for call in calls:
+                await bus.publish(
+                    call_transcript_subject(workspace.id, call),
+                    orjson.dumps(
+                        {
+                            "role": "agent",
+                            "text": f"hello {call}",
+                            "is_final": True,
+                            "turn_id": "t1",
+                            "ts": "2026-11-25T00:00:00Z",
+                        }
+                    ),
+                )
+        finally:
+            await bus.close()
+        for call, (first, second, _websocket) in streams.items():
+            for connection in (first, second):
+                async with asyncio.timeout(10):
+                    line = await connection.reader.readuntil(f"hello {call}".encode())
+                assert b"data:" in line
+        async with httpx.AsyncClient(base_url=running.url) as fresh:
+            text = (await fresh.get("/metrics")).text
+        passed = re.search(r'switchboard_stream_handoffs_total\{outcome="passed"\} (\d+)', text)
+        adopted = re.search(r'switchboard_stream_handoffs_total\{outcome="adopted"\} (\d+)', text)
+        assert passed and adopted and passed.group(1) == adopted.group(1), text
+        assert int(passed.group(1)) > 0
+        for held in streams.values():
+            for connection in held:
+                connection.writer.close()
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from uvicorn.server import ServerState
 from websockets.datastructures import Headers
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request, Response
 
+from switchboard.api.affinity import Handoffs
 from switchboard.api.early_refusal import EarlyRefusal
 from switchboard.api.responses import headers_too_large, raw_error, raw_response
 from switchboard.errors import ApiError
@@ -82,6 +83,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     max_head_bytes = MAX_HEAD_BYTES
     max_stalled_bytes = MAX_STALLED_BYTES
     early_refusal: EarlyRefusal | None = None  # set by the server's configuration
+    handoffs: Handoffs | None = None  # set under `serve --workers N` (api/affinity.py)
 
     def __init__(
         self,
@@ -97,6 +99,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._done = False  # refused or upgraded: this protocol reads no more
         self._lost: list[Callable[[], object]] | None = None
         self._answered_early = False  # the message being parsed was refused at its head
+        # What the connection has sent, kept until its first request's head is parsed: a
+        # stream another worker owns is passed to it with these bytes (api/affinity.py).
+        self._first_bytes: list[bytes] | None = None
+        self._passed = False  # the connection went to its stream's owner: nothing more here
+        # Set on a connection another worker passed here: what that worker had read from it.
+        self.adopted: bytes | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        adopted, self.adopted = self.adopted, None
+        if adopted is not None:
+            # Parsed as if read here, before anything read from the socket now; never passed
+            # on again, even if the workers' counts disagreed for a moment.
+            self.data_received(adopted)
+        elif self.handoffs is not None:
+            self._first_bytes = []
 
     def when_lost(self, callback: Callable[[], object]) -> None:
         """Runs `callback` once the connection is lost (at once if it is already): how a stream
@@ -131,6 +149,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         return chunked, paused
 
     def data_received(self, data: bytes) -> None:
+        if self._first_bytes is not None:
+            self._first_bytes.append(data)
         self._unset_keepalive_if_required()
         while data and not self._done:
             if self._in_head:
@@ -153,6 +173,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
+            if self._passed:
+                return
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
         except httptools.HttpParserError:
@@ -181,9 +203,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     # Parser callbacks: where a head ends and where a message makes progress.
 
     def on_headers_complete(self) -> None:
+        if self._passed:
+            return  # a request pipelined behind the one passed on: the owner parses it
         self._in_head = False
         self._stalled_bytes = 0
         if self._answer_early():
+            self._first_bytes = None
+            return
+        if self._first_bytes is not None and self._pass_to_owner():
             return
         with_abort(self.scope, self.transport, self)
         super().on_headers_complete()
@@ -193,6 +220,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
+        if self._passed:
+            return
         self._stalled_bytes = 0
         super().on_body(body)
 
@@ -236,7 +265,31 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.transport.close()
         return True
 
+    def _pass_to_owner(self) -> bool:
+        """Passes the connection to the worker that owns the stream its first request opens,
+        if another does and can take it now (api/affinity.py); True when it went."""
+        read, self._first_bytes = self._first_bytes, None
+        handoffs = self.handoffs
+        if read is None or handoffs is None:
+            return False
+        owner = handoffs.owner(self.url)
+        if owner is None:
+            return False
+        socket = self.transport.get_extra_info("socket")
+        if socket is None or not handoffs.send(owner, socket.fileno(), b"".join(read)):
+            return False
+        # The owner has its own descriptor of the socket now: this one reads nothing more and
+        # lets go of it quietly (closing a descriptor the owner shares sends nothing).
+        self._passed = self._done = True
+        self.transport.pause_reading()
+        self.connections.discard(self)
+        self.transport.abort()
+        return True
+
     def on_message_complete(self) -> None:
+        if self._passed:
+            return
+        self._first_bytes = None  # a second request on this connection is served here
         if self._answered_early:
             self._answered_early = False  # it was answered at its head: no cycle waits on it
         else:
