@@ -322,7 +322,17 @@ async def test_each_calls_streams_are_served_by_the_one_worker_that_owns_the_cal
         adopted = re.search(r'switchboard_stream_handoffs_total\{outcome="adopted"\} (\d+)', text)
         assert passed and adopted and passed.group(1) == adopted.group(1), text
         assert int(passed.group(1)) > 0
-        for held in streams.values():
+        # A stream asked for on a connection that has answered a request already stays where
+        # the connection is, whoever owns its call: only a first request is passed on.
+        kept_alive = await Connection.open(running.url)
+        assert (await kept_alive.get("/v1/workspace", workspace.key))[0] == 200
+        here = await eventually(lambda: sole_holder(running, [kept_alive]))
+        elsewhere = next(call for call, owner in owners.items() if owner != here)
+        kept_alive.request(f"/v1/calls/{elsewhere}/transcript/stream", workspace.key)
+        answer = await kept_alive.reader.readuntil(b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert sole_holder(running, [kept_alive]) == here
+        for held in [*streams.values(), [kept_alive]]:
             for connection in held:
                 connection.writer.close()
 

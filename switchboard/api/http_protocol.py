@@ -289,7 +289,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._passed:
             return
-        self._first_bytes = None  # a second request on this connection is served here
         if self._answered_early:
             self._answered_early = False  # it was answered at its head: no cycle waits on it
         else:
