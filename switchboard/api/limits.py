@@ -8,6 +8,8 @@ wrapping its every write for hours costs memory for nothing)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from switchboard.api.handoff import handoff_of
@@ -73,7 +75,7 @@ class WorkspaceLimits:
             await self.app(scope, receive, send)
         finally:
             # Held until the stream ends, which may be after this call (api/handoff.py).
-            handoff_of(scope).release(lambda: self.limits.close_stream(workspace_id))
+            handoff_of(scope).release(partial(self.limits.close_stream, workspace_id))
 
 
 def with_rate_headers(send: Send, verdict: Verdict) -> Send:

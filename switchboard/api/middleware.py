@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import ClientDisconnect
@@ -150,8 +151,7 @@ class RequestContext:
             status = progress.status
             # A stream whose connection outlives this call is logged when it ends.
             release_when_done(
-                scope,
-                lambda: log_access(method, path, status, fetch_site, request_id, started),
+                scope, partial(log_access, method, path, status, fetch_site, request_id, started)
             )
 
     async def _failed(self, scope: Scope, error: Exception, progress: Progress, send: Send) -> None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from starlette.types import Message, Scope, Send
@@ -20,11 +21,20 @@ from switchboard.api.responses import send_error
 from switchboard.batched_reads import BatchedReads
 from switchboard.errors import ApiError
 from switchboard.ids import is_id
-from switchboard.live.hub import View
+from switchboard.live.hub import Hub, View
 from switchboard.live.lookups import keep_call_status, keep_existence
 from switchboard.live.outbox import Frame, GapFrame, Outbox
 from switchboard.outage import BusUnavailable
 from switchboard.shared_lookups import SharedLookups
+
+
+async def _unwatch(hub: Hub, watches: list[tuple[str, View]], outbox: Outbox) -> None:
+    for subject, view in watches:
+        await hub.unwatch(subject, view, outbox)
+
+
+def _unwatch_later(hub: Hub, watches: list[tuple[str, View]], outbox: Outbox) -> None:
+    in_background(_unwatch(hub, watches, outbox))
 
 
 class StreamEndpoint:
@@ -61,6 +71,10 @@ class StreamEndpoint:
             "Cursors that were unknown or expired (a reset was sent).",
             "kind",
         )
+        # What every outbox of this endpoint calls, made once here rather than per stream: a
+        # stream holds its callbacks for its life, and each is an object the collector walks.
+        self._on_drop = self.dropped
+        self._counted_gaps: dict[GapFrame, GapFrame] = {}
 
     @property
     def history(self) -> timedelta:
@@ -72,17 +86,20 @@ class StreamEndpoint:
     def new_outbox(
         self, gap: GapFrame | None = None, wants: Callable[[str], bool] | None = None
     ) -> Outbox:
-        counted_gap = None
-        if gap is not None:
-            notice = gap
+        counted = None if gap is None else self._counted(gap)
+        return Outbox(self.services.settings.stream_buffer, self._on_drop, gap=counted, wants=wants)
 
-            def counted_gap(dropped: int, resume_from: str | None) -> Frame:
+    def _counted(self, gap: GapFrame) -> GapFrame:
+        """`gap`, counting each notice it makes in `switchboard_stream_gaps_total`."""
+        counted = self._counted_gaps.get(gap)
+        if counted is None:
+
+            def counted(dropped: int, resume_from: str | None) -> Frame:
                 self.gaps[self.kind] += 1
-                return notice(dropped, resume_from)
+                return gap(dropped, resume_from)
 
-        return Outbox(
-            self.services.settings.stream_buffer, self.dropped, gap=counted_gap, wants=wants
-        )
+            self._counted_gaps[gap] = counted
+        return counted
 
     @asynccontextmanager
     async def watching(
@@ -97,10 +114,6 @@ class StreamEndpoint:
             # Fail at once (503): a subscription now would wait for its flush to time out.
             raise BusUnavailable("the bus is not connected")
 
-        async def unwatch() -> None:
-            for subject, view in watches:
-                await hub.unwatch(subject, view, outbox)
-
         try:
             for subject, view in watches:
                 await hub.watch(subject, workspace_id, view, outbox)
@@ -108,9 +121,11 @@ class StreamEndpoint:
         finally:
             handoff = handoff_of(scope)
             if handoff.taken:
-                handoff.release(lambda: in_background(unwatch()))
+                # A partial, not a closure: a stream holds this for its life, and a closure's
+                # function and cells are several more objects for the collector to walk.
+                handoff.release(partial(_unwatch_later, hub, watches, outbox))
             else:
-                await unwatch()
+                await _unwatch(hub, watches, outbox)
 
     async def path_id(self, scope: Scope, send: Send, name: str, prefix: str) -> str | None:
         """The well-formed id in the path, or None after answering 400. The check also keeps

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import orjson
@@ -130,7 +131,7 @@ async def pump_sse(
             await send({"type": "http.response.body", "body": body, "more_body": True})
             metrics.frames_sent[kind] += len(batch)
     finally:
-        handoff.release(lambda: services.registry.remove(outbox))
+        handoff.release(partial(services.registry.remove, outbox))
         if listener is not None:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -164,7 +165,7 @@ class CallEventSocket(StreamEndpoint):
                     connection.close(1011, "internal error")
                 raise
             finally:
-                handoff.release(lambda: services.registry.remove(outbox))
+                handoff.release(partial(services.registry.remove, outbox))
 
     async def _replay(
         self,
