@@ -57,74 +57,75 @@ async def tcp_pair() -> AsyncIterator[
     tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter]
 ]:
     """A real TCP connection on 127.0.0.1: the server's socket and the client's streams."""
-    accepted: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     listener.setblocking(False)
-    loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(*listener.getsockname())
-    server_side, _ = await loop.sock_accept(listener)
-    accepted.set_result(server_side)
+    server_side, _ = await asyncio.get_running_loop().sock_accept(listener)
     yield server_side, reader, writer
     writer.close()
     server_side.close()
     listener.close()
 
 
+@pytest.fixture
+async def workers(tmp_path: Path) -> AsyncIterator[tuple[Handoffs, Handoffs, dict[str, int]]]:
+    """Two workers' ends of the exchange (neither started), counting into one place."""
+    counts: dict[str, int] = {}
+    sender, owner = Handoffs(tmp_path, 0, 2, counts), Handoffs(tmp_path, 1, 2, counts)
+    yield sender, owner, counts
+    sender.close()
+    owner.close()
+
+
 async def test_a_connection_passed_to_its_owner_is_the_clients_own(
-    tmp_path: Path,
+    workers: tuple[Handoffs, Handoffs, dict[str, int]],
     tcp_pair: tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter],
 ) -> None:
     server_side, reader, writer = tcp_pair
-    counts: dict[str, int] = {}
-    sender, owner = Handoffs(tmp_path, 0, 2, counts), Handoffs(tmp_path, 1, 2, counts)
+    sender, owner, counts = workers
     adopted: asyncio.Queue[tuple[socket.socket, bytes]] = asyncio.Queue()
     owner.open(lambda sock, head: adopted.put_nowait((sock, head)))
     sender.open(lambda sock, head: pytest.fail("nothing is passed to the sender"))
-    try:
-        head = b"GET /v1/calls/call_a/stream HTTP/1.1\r\n\r\n"
-        assert sender.send(1, server_side.fileno(), head)
-        # The sender lets go of its descriptor: the connection lives on in the owner's.
-        server_side.close()
+    head = b"GET /v1/calls/call_a/stream HTTP/1.1\r\n\r\n"
+    assert sender.send(1, server_side.fileno(), head)
+    # The sender lets go of its descriptor: the connection lives on in the owner's.
+    server_side.close()
+    async with asyncio.timeout(5):
+        taken, read = await adopted.get()
+    assert read == head
+    with taken:
+        assert taken.getpeername() == writer.get_extra_info("sockname")
+        taken.sendall(b"from the owner")
         async with asyncio.timeout(5):
-            taken, read = await adopted.get()
-        assert read == head
-        with taken:
-            assert taken.getpeername() == writer.get_extra_info("sockname")
-            taken.sendall(b"from the owner")
-            async with asyncio.timeout(5):
-                assert await reader.readexactly(14) == b"from the owner"
-            writer.write(b"to the owner")
-            await writer.drain()
-            taken.settimeout(5)
-            assert taken.recv(100) == b"to the owner"
-        assert counts == {"passed": 1, "adopted": 1}
-    finally:
-        sender.close()
-        owner.close()
+            assert await reader.readexactly(14) == b"from the owner"
+        writer.write(b"to the owner")
+        await writer.drain()
+        taken.settimeout(5)
+        assert taken.recv(100) == b"to the owner"
+    assert counts == {"passed": 1, "adopted": 1}
 
 
 async def test_an_owner_that_cannot_take_a_connection_leaves_it_here(
-    tmp_path: Path,
+    workers: tuple[Handoffs, Handoffs, dict[str, int]],
     tcp_pair: tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter],
 ) -> None:
     server_side, reader, _writer = tcp_pair
-    counts: dict[str, int] = {}
-    sender, owner = Handoffs(tmp_path, 0, 2, counts), Handoffs(tmp_path, 1, 2, counts)
+    sender, owner, counts = workers
+    request = b"GET /v1/calls/call_a/stream HTTP/1.1\r\n\r\n"
     sender.open(lambda sock, head: None)
-    try:
-        # Not started yet, then too much read to pass whole, then stopped.
-        assert not sender.send(1, server_side.fileno(), b"GET / HTTP/1.1\r\n\r\n")
-        owner.open(lambda sock, head: sock.close())
-        assert not sender.send(1, server_side.fileno(), b"x" * (MAX_PASSED_BYTES + 1))
-        owner.close()
-        assert not sender.send(1, server_side.fileno(), b"GET / HTTP/1.1\r\n\r\n")
-        assert counts == {"kept": 3}
-        # Still this worker's to serve.
-        server_side.sendall(b"still here")
-        async with asyncio.timeout(5):
-            assert await reader.readexactly(10) == b"still here"
-    finally:
-        sender.close()
-    assert not sender.send(1, server_side.fileno(), b"GET / HTTP/1.1\r\n\r\n")
+    # The owner not started yet, then too much read to pass whole, then the owner stopped.
+    assert not sender.send(1, server_side.fileno(), request)
+    owner.open(lambda sock, head: sock.close())
+    assert not sender.send(1, server_side.fileno(), b"x" * (MAX_PASSED_BYTES + 1))
+    owner.close()
+    assert not sender.send(1, server_side.fileno(), request)
+    # And once the sender itself has stopped.
+    sender.close()
+    assert not sender.send(1, server_side.fileno(), request)
+    assert counts == {"kept": 4}
+    # Still this worker's to serve.
+    server_side.sendall(b"still here")
+    async with asyncio.timeout(5):
+        assert await reader.readexactly(10) == b"still here"
