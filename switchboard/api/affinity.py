@@ -4,11 +4,12 @@ The kernel spreads connections over the workers (SO_REUSEPORT) by their addresse
 streams of one call used to land on every worker, and every worker then subscribed to that
 call's subjects and paid for each of its events: the NATS delivery, the wakeup, the decode, the
 walk over its watchers. That per-event cost, paid once per worker, was a large part of what
-separated our CPU per frame from a C gateway's. Now each call and conversation has one owner among the
-workers (a hash of its id), and a worker that accepts the first request of a connection for a
-stream that another worker owns passes the connection itself to the owner: its descriptor over
-a Unix socket (SCM_RIGHTS) with the bytes already read, which the owner parses as if it had
-read them. So each event wakes one of a serve's workers, whichever one a client reached.
+separated our CPU per frame from a C gateway's. Now each call and conversation has one owner
+among the workers (a hash of its id), and a worker that accepts the first request of a
+connection for a stream that another worker owns passes the connection itself to the owner: its
+descriptor over a Unix socket (SCM_RIGHTS) with the bytes already read, which the owner parses
+as if it had read them. So each event wakes one of a serve's workers, whichever one a client
+reached.
 
 A connection is passed only when nothing has been answered on it yet (its first request, whole
 in what was read), and never twice. When the owner cannot take it at once (not started yet,
