@@ -129,3 +129,20 @@ async def test_an_owner_that_cannot_take_a_connection_leaves_it_here(
     server_side.sendall(b"still here")
     async with asyncio.timeout(5):
         assert await reader.readexactly(10) == b"still here"
+
+
+async def test_a_worker_that_cannot_listen_serves_what_it_accepts(
+    tmp_path: Path,
+    tcp_pair: tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter],
+) -> None:
+    server_side, _reader, _writer = tcp_pair
+    too_deep = tmp_path / ("d" * 120)  # longer than a Unix socket's path may be
+    too_deep.mkdir()
+    counts: dict[str, int] = {}
+    worker = Handoffs(too_deep, 0, 2, counts)
+    worker.open(lambda sock, head: None)  # no exception: the worker still starts
+    try:
+        assert not worker.send(1, server_side.fileno(), b"GET / HTTP/1.1\r\n\r\n")
+        assert counts == {"kept": 1}
+    finally:
+        worker.close()

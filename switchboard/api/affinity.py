@@ -92,9 +92,16 @@ class Handoffs:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a previous process of this index (a restart)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        listener.setblocking(False)
-        listener.bind(path)
-        listener.listen(64)
+        try:
+            listener.setblocking(False)
+            listener.bind(path)
+            listener.listen(64)
+        except OSError as failure:
+            # A path too long for a Unix socket (a deep TMPDIR), a full disk: this worker
+            # serves what it accepts, and the others keep what they would have passed to it.
+            listener.close()
+            log.warning("stream affinity is off in worker %d: %s", self.index + 1, failure)
+            return
         self._listener = listener
         asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, adopt)
 
