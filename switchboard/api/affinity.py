@@ -127,8 +127,9 @@ class Handoffs:
     def send(self, owner: int, fd: int, head: bytes) -> bool:
         """Passes a connection (its descriptor and the bytes read from it) to `owner`; False
         when the owner cannot take it now, and this worker must serve it. Never blocks."""
-        channel = self._channel(owner) if self._listener is not None else None
-        if channel is None or len(head) > MAX_PASSED_BYTES:
+        passable = self._listener is not None and len(head) <= MAX_PASSED_BYTES
+        channel = self._channel(owner) if passable else None
+        if channel is None:
             self._count("kept")
             return False
         descriptors = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
